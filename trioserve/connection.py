@@ -1,0 +1,663 @@
+"""A client connection: reader, bounded outbound queue, heartbeat and close handshake.
+
+One task per connection, the one that made it, reads; nothing else runs while
+the connection is idle. Sending is synchronous: with an empty queue a frame
+goes straight to the socket, and only what the kernel did not take waits in a
+queue, for a writer task that exists only while there is backlog. The
+heartbeat is the deadline of the reader's cancel scope, not a sleeping task.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import logging
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import ClassVar
+
+import attrs
+import trio
+import wsproto
+import wsproto.events as wse
+from wsproto.connection import ConnectionState as WSState
+
+from .config import Config, SlowConsumerPolicy
+from .protocol import ndjson, websocket
+from .protocol.codes import CloseCode, default_reason
+from .transport import Transport
+
+__all__ = [
+    "Connection",
+    "ConnectionClosed",
+    "ConnectionState",
+    "ConnectionStatistics",
+    "Framing",
+    "TcpConnection",
+    "WebSocketConnection",
+]
+
+log = logging.getLogger("trioserve.connection")
+
+_MAX_IOV = 64
+# Bytes handed to one sendmsg(); more would only sit in the kernel's buffer anyway.
+_MAX_WRITE = 256 * 1024
+_PING_FRAME = b"\x89\x00"
+
+
+class ConnectionState(enum.Enum):
+    OPEN = "open"
+    CLOSING = "closing"
+    CLOSED = "closed"
+
+
+class ConnectionClosed(Exception):
+    """The connection is closed; ``code`` and ``reason`` say why."""
+
+    def __init__(self, code: int | None, reason: str | None):
+        super().__init__(f"connection closed: {code} {reason or ''}".rstrip())
+        self.code = code
+        self.reason = reason
+
+
+@attrs.frozen
+class Framing:
+    """How a transport frames payloads; the hub frames each batch once per framing."""
+
+    name: str
+    frame_batch: Callable[[Sequence[bytes]], bytes]
+
+
+@attrs.frozen
+class ConnectionStatistics:
+    transport: str
+    state: str
+    remote: str | None
+    bytes_in: int
+    bytes_out: int
+    messages_in: int
+    messages_out: int
+    queued_frames: int
+    queued_bytes: int
+    #: Frames discarded by the drop-oldest slow-consumer policy.
+    dropped_frames: int
+    #: True once the disconnect policy has closed this connection with 4008.
+    slow_consumer: bool
+    close_code: int | None
+    close_reason: str | None
+
+
+class Connection:
+    """Base class; see :class:`WebSocketConnection` and :class:`TcpConnection`.
+
+    A Connection belongs to the task that created it: that task reads (via
+    :meth:`receive` or ``async for``); any task may send.
+    """
+
+    framing: ClassVar[Framing]
+    transport_name: ClassVar[str]
+
+    __slots__ = (
+        "_transport", "_config", "_nursery", "_task", "remote", "state",
+        "_queue", "_head_offset", "_queued_bytes", "_queued_frames", "_writer_running",
+        "_drained", "_done", "_inbox", "_reading", "_scope", "_last_rx", "_ping_sent_at",
+        "_close_code", "_close_reason", "_close_deadline", "_finish_on_flush",
+        "_bytes_in", "_bytes_out", "_msgs_in", "_msgs_out", "_dropped", "_slow",
+    )  # fmt: skip
+
+    def __init__(
+        self,
+        transport: Transport,
+        config: Config,
+        nursery: trio.Nursery,
+        remote: str | None = None,
+    ):
+        self._transport = transport
+        self._config = config
+        # Writers are spawned here, lazily, so an idle connection has one task.
+        self._nursery = nursery
+        self._task = trio.lowlevel.current_task()
+        self.remote = remote
+        self.state = ConnectionState.OPEN
+        # None rather than an empty deque: an idle connection should not pay for one.
+        self._queue: deque[tuple[bytes, int]] | None = None
+        self._head_offset = 0
+        self._queued_bytes = 0
+        self._queued_frames = 0
+        self._writer_running = False
+        self._drained: trio.Event | None = None
+        self._done: trio.Event | None = None
+        self._inbox: deque[str | bytes] | None = None
+        self._reading = False
+        self._scope: trio.CancelScope | None = None
+        self._last_rx = trio.current_time()
+        self._ping_sent_at: float | None = None
+        self._close_code: int | None = None
+        self._close_reason: str | None = None
+        self._close_deadline = 0.0
+        self._finish_on_flush = False
+        self._bytes_in = self._bytes_out = self._msgs_in = self._msgs_out = 0
+        self._dropped = 0
+        self._slow = False
+
+    # --- framing hooks -----------------------------------------------------------
+
+    def frame(self, message: str | bytes) -> bytes:
+        """The wire bytes of one application message on this transport."""
+        raise NotImplementedError
+
+    def _close_frame(self, code: int, reason: str) -> bytes:
+        raise NotImplementedError
+
+    def _ping_frame(self) -> bytes:
+        raise NotImplementedError
+
+    def _feed(self, data: bytes) -> None:
+        """Parse received bytes; queue complete messages with :meth:`_deliver_in`."""
+        raise NotImplementedError
+
+    # --- sending -------------------------------------------------------------------
+
+    def send_prepared(self, data: bytes, count: int = 1) -> bool:
+        """Send bytes that are already framed for this transport (*count* frames).
+
+        This is the fan-out hot path: no checkpoint, and with an empty queue
+        no task switch. Returns False if the connection is not open (the data
+        is dropped, as the connection is going away).
+        """
+        if self.state is not ConnectionState.OPEN:
+            return False
+        self._write(data, count, limited=True)
+        return True
+
+    def send_encoded(self, payload: bytes) -> bool:
+        """Send one UTF-8 text payload (a JSON reply, say) as a text message."""
+        return self.send_prepared(self.framing.frame_batch((payload,)))
+
+    def send_nowait(self, message: str | bytes) -> bool:
+        """Queue one message (``str``: text, ``bytes``: binary or a raw line).
+
+        Applies the slow-consumer policy when the queue is over its limit.
+        """
+        return self.send_prepared(self.frame(message))
+
+    async def send(self, message: str | bytes) -> None:
+        """Send one message, waiting while the outbound queue is full.
+
+        Like a send on a Go buffered channel: it blocks on backpressure instead
+        of tripping the slow-consumer policy. Raises :class:`ConnectionClosed`.
+        """
+        frame = self.frame(message)
+        while self._queue is not None and self._over_limit(len(frame), 1):
+            if self._drained is None:
+                self._drained = trio.Event()
+            await self._drained.wait()
+        if not self.send_prepared(frame):
+            raise ConnectionClosed(self._close_code, self._close_reason)
+        await trio.lowlevel.checkpoint()
+
+    def _over_limit(self, extra_bytes: int = 0, extra_frames: int = 0) -> bool:
+        cfg = self._config
+        return (
+            self._queued_bytes + extra_bytes > cfg.queue_max_bytes
+            or self._queued_frames + extra_frames > cfg.queue_max_frames
+        )
+
+    def _write(self, data: bytes, count: int, limited: bool) -> None:
+        if self._queue is None:
+            try:
+                sent = self._transport.try_send(data)
+            except OSError:
+                self._broken()
+                return
+            self._bytes_out += sent
+            if sent == len(data):
+                self._msgs_out += count
+                if self.state is ConnectionState.CLOSING:
+                    self._flushed()
+                return
+            self._queue = deque()
+            self._head_offset = sent
+            self._queued_bytes -= sent
+        self._queue.append((data, count))
+        self._queued_bytes += len(data)
+        self._queued_frames += count
+        if limited and self._over_limit():
+            self._on_backlog_limit()
+        if not self._writer_running and self._queue is not None:
+            self._writer_running = True
+            self._nursery.start_soon(self._writer)
+
+    def _on_backlog_limit(self) -> None:
+        queue = self._queue
+        assert queue is not None
+        # A partly sent frame must be finished, or the peer's framing breaks.
+        keep = 1 if self._head_offset else 0
+        if self._config.slow_consumer_policy is SlowConsumerPolicy.DROP_OLDEST:
+            while len(queue) > keep + 1 and self._over_limit():
+                data, count = queue[keep]
+                del queue[keep]
+                self._queued_bytes -= len(data)
+                self._queued_frames -= count
+                self._dropped += count
+            return
+        self._slow = True
+        while len(queue) > keep:
+            data, count = queue.pop()
+            self._queued_bytes -= len(data)
+            self._queued_frames -= count
+        # The queue object stays even if empty: a batch may be in flight, and the
+        # close frame must go out after it, not around it.
+        log.info("slow consumer %s: queue over its limit, closing 4008", self.remote)
+        self._start_close(CloseCode.SLOW_CONSUMER)
+
+    async def _writer(self) -> None:
+        try:
+            while self._queue:
+                await self._transport.wait_writable()
+                if not self._queue:
+                    break
+                batch, bufs = self._take_batch()
+                self._after_send(batch, await self._transport.send_some(bufs))
+        except OSError:
+            self._broken()
+        finally:
+            self._writer_running = False
+
+    def _take_batch(self) -> tuple[list[tuple[bytes, int]], list[bytes | memoryview]]:
+        # Entries leave the queue while in flight, so the slow-consumer policy
+        # never trims bytes a send already holds. The deque itself stays, so
+        # send_prepared keeps queueing behind them instead of overtaking them.
+        queue = self._queue
+        assert queue is not None
+        batch: list[tuple[bytes, int]] = []
+        bufs: list[bytes | memoryview] = []
+        size = 0
+        while queue and len(batch) < _MAX_IOV and size < _MAX_WRITE:
+            entry = queue.popleft()
+            data = entry[0]
+            if not batch and self._head_offset:
+                bufs.append(memoryview(data)[self._head_offset :])
+            else:
+                bufs.append(data)
+            size += len(bufs[-1])
+            batch.append(entry)
+        return batch, bufs
+
+    def _after_send(self, batch: list[tuple[bytes, int]], sent: int) -> None:
+        self._bytes_out += sent
+        queue = self._queue
+        if queue is None:  # closed while the write was in flight
+            return
+        self._queued_bytes -= sent
+        offset = self._head_offset + sent
+        for i, (data, count) in enumerate(batch):
+            if offset < len(data):
+                queue.extendleft(reversed(batch[i:]))
+                break
+            offset -= len(data)
+            self._queued_frames -= count
+            self._msgs_out += count
+        else:
+            offset = 0
+        self._head_offset = offset
+        if not queue:
+            self._queue = None
+            self._flushed()
+
+    def _flushed(self) -> None:
+        if self._drained is not None:
+            self._drained.set()
+            self._drained = None
+        if self.state is ConnectionState.CLOSING:
+            if self._finish_on_flush:
+                self._finish()
+            else:
+                self._on_close_sent()
+
+    def _on_close_sent(self) -> None:
+        """The close frame is out; wait for the peer's (the reader does)."""
+
+    # --- receiving -------------------------------------------------------------------
+
+    def _deliver_in(self, message: str | bytes) -> None:
+        # After we started closing, the handler has been told; late data is dropped.
+        if self.state is ConnectionState.OPEN:
+            self._msgs_in += 1
+            if self._inbox is None:
+                self._inbox = deque()
+            self._inbox.append(message)
+
+    async def receive(self) -> str | bytes:
+        """The next message: ``str`` for text, ``bytes`` for binary.
+
+        Raises :class:`ConnectionClosed` once the connection is closed.
+        Messages already received are returned without a checkpoint, so a burst
+        from one client is handled in one go (which lets the hub batch it).
+        """
+        while True:
+            inbox = self._inbox
+            if inbox:
+                message = inbox.popleft()
+                if not inbox:
+                    self._inbox = None
+                return message
+            if self.state is ConnectionState.CLOSED:
+                raise ConnectionClosed(self._close_code, self._close_reason)
+            self._reading = True
+            try:
+                await self._read_chunk()
+            finally:
+                self._reading = False
+
+    def __aiter__(self) -> Connection:
+        return self
+
+    async def __anext__(self) -> str | bytes:
+        try:
+            return await self.receive()
+        except ConnectionClosed:
+            raise StopAsyncIteration from None
+
+    def _next_deadline(self) -> float:
+        if self.state is ConnectionState.CLOSING:
+            return self._close_deadline
+        if self._ping_sent_at is not None:
+            return self._ping_sent_at + self._config.ping_timeout
+        return self._last_rx + self._config.ping_interval
+
+    async def _read_chunk(self) -> None:
+        while True:
+            with trio.CancelScope(deadline=self._next_deadline()) as scope:
+                self._scope = scope
+                try:
+                    data = await self._transport.receive_some()
+                except OSError:
+                    data = b""
+                finally:
+                    self._scope = None
+            if not scope.cancelled_caught:
+                break
+            self._on_deadline()
+            if self.state is ConnectionState.CLOSED:
+                return
+        if not data:
+            if self._close_code is None:
+                self._close_code = CloseCode.ABNORMAL
+                self._close_reason = default_reason(CloseCode.ABNORMAL)
+            self._finish()
+            return
+        self._last_rx = trio.current_time()
+        self._ping_sent_at = None
+        self._bytes_in += len(data)
+        self._feed(data)
+
+    def _on_deadline(self) -> None:
+        if self.state is ConnectionState.CLOSING:
+            log.debug("close handshake with %s timed out; closing", self.remote)
+            self._finish()
+        elif self._ping_sent_at is None:
+            self._ping_sent_at = trio.current_time()
+            self._write(self._ping_frame(), 0, limited=False)
+        else:
+            self._start_close(CloseCode.HEARTBEAT_TIMEOUT)
+
+    # --- closing ------------------------------------------------------------------------
+
+    def _start_close(
+        self, code: int, reason: str | None = None, *, finish_on_flush: bool = False
+    ) -> None:
+        if self.state is not ConnectionState.OPEN:
+            return
+        reason = default_reason(code) if reason is None else reason
+        self.state = ConnectionState.CLOSING
+        self._close_code = code
+        self._close_reason = reason
+        self._close_deadline = trio.current_time() + self._config.close_timeout
+        self._finish_on_flush = finish_on_flush
+        if self._scope is not None:
+            self._scope.deadline = self._close_deadline
+        self._write(self._close_frame(code, reason), 0, limited=False)
+
+    def start_close(self, code: int = CloseCode.NORMAL, reason: str | None = None) -> None:
+        """Begin the close handshake without waiting: queued data goes out first,
+        then the close frame. The reader finishes the handshake."""
+        self._start_close(code, reason)
+
+    async def close(self, code: int = CloseCode.NORMAL, reason: str | None = None) -> None:
+        """Close with *code* and *reason*, waiting for the handshake.
+
+        Queued data is sent first. If the peer does not answer within
+        ``close_timeout`` the connection is closed anyway.
+        """
+        self._start_close(code, reason)
+        if self.state is ConnectionState.CLOSED:
+            await trio.lowlevel.checkpoint()
+            return
+        if self._reading or trio.lowlevel.current_task() is not self._task:
+            # Another task reads; it will see the peer's close or the deadline.
+            with trio.move_on_at(self._close_deadline):
+                if self._done is None:
+                    self._done = trio.Event()
+                await self._done.wait()
+            self._finish()
+            return
+        while self.state is not ConnectionState.CLOSED:
+            self._reading = True
+            try:
+                await self._read_chunk()
+            finally:
+                self._reading = False
+
+    def abort(self) -> None:
+        """Close the transport now, without a handshake."""
+        if self._close_code is None:
+            self._close_code = CloseCode.ABNORMAL
+            self._close_reason = "aborted"
+        self._finish()
+
+    def _broken(self) -> None:
+        if self._close_code is None or self.state is ConnectionState.OPEN:
+            self._close_code = CloseCode.ABNORMAL
+            self._close_reason = default_reason(CloseCode.ABNORMAL)
+        self._finish()
+
+    def _finish(self) -> None:
+        if self.state is ConnectionState.CLOSED:
+            return
+        self.state = ConnectionState.CLOSED
+        self._queue = None
+        self._queued_bytes = self._queued_frames = 0
+        self._transport.close()
+        if self._done is not None:
+            self._done.set()
+        if self._drained is not None:
+            self._drained.set()
+
+    # --- introspection ----------------------------------------------------------------
+
+    @property
+    def close_code(self) -> int | None:
+        return self._close_code
+
+    @property
+    def close_reason(self) -> str | None:
+        return self._close_reason
+
+    @property
+    def transport(self) -> Transport:
+        return self._transport
+
+    def statistics(self) -> ConnectionStatistics:
+        return ConnectionStatistics(
+            transport=self.transport_name,
+            state=self.state.value,
+            remote=self.remote,
+            bytes_in=self._bytes_in,
+            bytes_out=self._bytes_out,
+            messages_in=self._msgs_in,
+            messages_out=self._msgs_out,
+            queued_frames=self._queued_frames,
+            queued_bytes=self._queued_bytes,
+            dropped_frames=self._dropped,
+            slow_consumer=self._slow,
+            close_code=self._close_code,
+            close_reason=self._close_reason,
+        )
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.remote} {self.state.value}>"
+
+
+WEBSOCKET = Framing("websocket", websocket.frame_batch)
+NDJSON = Framing("ndjson", ndjson.frame_batch)
+
+
+class WebSocketConnection(Connection):
+    """A WebSocket connection after the 101 response, parsed by wsproto."""
+
+    framing = WEBSOCKET
+    transport_name = "websocket"
+
+    __slots__ = ("_ws", "_parts", "_parts_size")
+
+    def __init__(
+        self,
+        transport: Transport,
+        config: Config,
+        nursery: trio.Nursery,
+        remote: str | None = None,
+        trailing_data: bytes = b"",
+    ):
+        super().__init__(transport, config, nursery, remote)
+        self._ws = wsproto.Connection(wsproto.ConnectionType.SERVER)
+        self._parts: list[str | bytes] | None = None
+        self._parts_size = 0
+        if trailing_data:
+            self._bytes_in += len(trailing_data)
+            self._feed(trailing_data)
+
+    def frame(self, message: str | bytes) -> bytes:
+        if isinstance(message, str):
+            return websocket.text_frame(message.encode())
+        return self._ws.send(wse.BytesMessage(data=message))
+
+    def _close_frame(self, code: int, reason: str) -> bytes:
+        if self._ws.state in (WSState.OPEN, WSState.REMOTE_CLOSING):
+            return self._ws.send(wse.CloseConnection(code=code, reason=reason))
+        return websocket.close_frame(code, reason)
+
+    def _ping_frame(self) -> bytes:
+        return _PING_FRAME
+
+    def _too_big(self, data: str | bytes) -> bool:
+        limit = self._config.max_message_size
+        size = self._parts_size + len(data)
+        # A str's UTF-8 size is between len and 4*len; encode only when in doubt.
+        if size > limit or isinstance(data, bytes) or (size + 3 * len(data)) <= limit:
+            return size > limit
+        return self._parts_size + len(data.encode()) > limit
+
+    def _feed(self, data: bytes) -> None:
+        if self._finish_on_flush:
+            return  # failed: nothing more is parsed
+        ws = self._ws
+        ws.receive_data(data)
+        for event in ws.events():
+            if isinstance(event, wse.Message):
+                self._on_message_part(event)
+            elif isinstance(event, wse.Ping):
+                if self.state is ConnectionState.OPEN:
+                    self._write(ws.send(event.response()), 0, limited=False)
+            elif isinstance(event, wse.CloseConnection):
+                self._on_close_event(event)
+                return
+            if self._finish_on_flush:
+                return
+
+    def _on_message_part(self, event: wse.Message[str] | wse.Message[bytes]) -> None:
+        data = event.data
+        if self._too_big(data):
+            self._start_close(CloseCode.MESSAGE_TOO_BIG, finish_on_flush=True)
+            return
+        if event.message_finished and self._parts is None:
+            self._deliver_in(data)
+            return
+        if self._parts is None:
+            self._parts = []
+        self._parts.append(data)
+        self._parts_size += len(data)
+        if event.message_finished:
+            parts, self._parts, self._parts_size = self._parts, None, 0
+            self._deliver_in("".join(parts) if isinstance(data, str) else b"".join(parts))  # type: ignore[arg-type]
+
+    def _on_close_event(self, event: wse.CloseConnection) -> None:
+        ws_state = self._ws.state
+        if ws_state is WSState.CLOSED:
+            # The peer answered our close: RFC 6455 lets the server close TCP first.
+            self._finish()
+        elif ws_state is WSState.REMOTE_CLOSING:
+            if self.state is ConnectionState.OPEN:
+                self.state = ConnectionState.CLOSING
+                self._close_code = event.code
+                self._close_reason = event.reason
+                self._close_deadline = trio.current_time() + self._config.close_timeout
+            self._finish_on_flush = True
+            self._write(self._ws.send(event.response()), 0, limited=False)
+        else:
+            # wsproto reports a malformed frame as a close event while still OPEN.
+            log.debug("protocol error from %s: %s %s", self.remote, event.code, event.reason)
+            self._start_close(event.code, event.reason, finish_on_flush=True)
+
+
+class TcpConnection(Connection):
+    """A raw TCP connection carrying newline-delimited JSON."""
+
+    framing = NDJSON
+    transport_name = "tcp"
+
+    __slots__ = ("_lines",)
+
+    def __init__(
+        self,
+        transport: Transport,
+        config: Config,
+        nursery: trio.Nursery,
+        remote: str | None = None,
+    ):
+        super().__init__(transport, config, nursery, remote)
+        self._lines = ndjson.LineSplitter(config.max_message_size)
+
+    def frame(self, message: str | bytes) -> bytes:
+        return (message.encode() if isinstance(message, str) else message) + b"\n"
+
+    def _close_frame(self, code: int, reason: str) -> bytes:
+        return ndjson.close_line(code, reason)
+
+    def _ping_frame(self) -> bytes:
+        return ndjson.PING_LINE
+
+    def _on_close_sent(self) -> None:
+        # TCP has no close frame to wait for: send EOF and let the reader wait for the peer's.
+        self._transport.shutdown_write()
+
+    def _feed(self, data: bytes) -> None:
+        if self._finish_on_flush:
+            return
+        try:
+            lines = self._lines.feed(data)
+        except ndjson.LineTooLong:
+            self._start_close(CloseCode.MESSAGE_TOO_BIG, "line too long", finish_on_flush=True)
+            return
+        for raw in lines:
+            try:
+                text = raw.decode()
+            except UnicodeDecodeError:
+                self._start_close(CloseCode.INVALID_DATA, "invalid UTF-8", finish_on_flush=True)
+                return
+            control = ndjson.control_op(text)
+            if control is None:
+                self._deliver_in(text)
+            elif control[0] == "ping" and self.state is ConnectionState.OPEN:
+                pong = ndjson.PONG_LINE if control[1] is None else ndjson.pong_line(control[1])
+                self._write(pong, 0, limited=False)

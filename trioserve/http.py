@@ -1,0 +1,263 @@
+"""HTTP on the WebSocket port: h11 parses requests, routes answer them.
+
+A request with ``Upgrade: websocket`` on the WebSocket path gets its 101 here
+and the socket is handed over; the h11 object is dropped after that, so a
+WebSocket connection carries no HTTP state.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs, urlsplit
+
+import attrs
+import h11
+import orjson
+import trio
+
+from .hub import HubClosed, HubOverloaded
+from .protocol import websocket
+from .protocol.codes import ErrorCode
+from .protocol.messages import ProtocolError, validate_topic
+from .transport import Transport
+
+if TYPE_CHECKING:
+    from .server import Server
+
+__all__ = ["Request", "Response", "RouteHandler", "json_error", "serve_http"]
+
+log = logging.getLogger("trioserve.http")
+
+#: Largest request head (request line + headers) we buffer.
+MAX_HEAD = 16 * 1024
+_SERVER_HEADER = (b"server", b"trioserve")
+
+
+@attrs.frozen
+class Request:
+    method: str
+    path: str
+    query: dict[str, list[str]]
+    headers: list[tuple[bytes, bytes]]
+    body: bytes
+    remote: str | None
+
+    def header(self, name: bytes) -> bytes | None:
+        """The first value of header *name* (lower-case), or None."""
+        for k, v in self.headers:
+            if k == name:
+                return v
+        return None
+
+
+@attrs.frozen
+class Response:
+    status: int
+    body: bytes = b""
+    content_type: bytes = b"application/json"
+    headers: list[tuple[bytes, bytes]] = attrs.Factory(list)
+
+
+RouteHandler = Callable[[Request], Awaitable[Response]]
+
+
+def json_response(status: int, obj: Any, headers: list[tuple[bytes, bytes]] | None = None) -> Response:
+    return Response(status, orjson.dumps(obj), headers=headers or [])
+
+
+def json_error(
+    status: int, code: ErrorCode, message: str, headers: list[tuple[bytes, bytes]] | None = None
+) -> Response:
+    return json_response(status, {"ok": False, "error": {"code": code.value, "message": message}},
+                         headers)
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+async def _next_event(h: h11.Connection, transport: Transport) -> Any:
+    while True:
+        event = h.next_event()
+        if event is not h11.NEED_DATA:
+            return event
+        h.receive_data(await transport.receive_some())
+
+
+async def _read_body(h: h11.Connection, transport: Transport, limit: int) -> bytes:
+    parts: list[bytes] = []
+    size = 0
+    while True:
+        event = await _next_event(h, transport)
+        if isinstance(event, h11.Data):
+            size += len(event.data)
+            if size > limit:
+                raise _BodyTooLarge
+            parts.append(bytes(event.data))
+        elif isinstance(event, h11.EndOfMessage):
+            return b"".join(parts)
+        else:  # ConnectionClosed or PAUSED mid-body
+            raise h11.RemoteProtocolError("request body ended early", 400)
+
+
+async def _respond(h: h11.Connection, transport: Transport, resp: Response, close: bool) -> None:
+    headers = [
+        _SERVER_HEADER,
+        (b"content-type", resp.content_type),
+        (b"content-length", str(len(resp.body)).encode()),
+        *resp.headers,
+    ]
+    if close:
+        headers.append((b"connection", b"close"))
+    data = h.send(h11.Response(status_code=resp.status, headers=headers))
+    if resp.body:
+        data += h.send(h11.Data(data=resp.body))
+    data += h.send(h11.EndOfMessage())
+    await transport.send_all(data)
+
+
+async def serve_http(transport: Transport, server: Server, remote: str | None) -> None:
+    """Serve one socket of the HTTP+WebSocket listener until it closes or upgrades."""
+    cfg = server.config
+    h = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
+    while True:
+        # Waiting for a request is cancelled by a drain, so idle keep-alive
+        # sockets and half-sent handshakes do not hold a drain to its deadline.
+        with server._idle_scope() as idle:
+            idle.deadline = trio.current_time() + cfg.handshake_timeout
+            try:
+                request = await _next_event(h, transport)
+            except h11.RemoteProtocolError as exc:
+                await _refuse(h, transport, exc.error_status_hint, ErrorCode.BAD_REQUEST, str(exc))
+                return
+            except OSError:
+                return
+        if idle.cancelled_caught:
+            if h.their_state is h11.SEND_BODY or h._receive_buffer:  # noqa: SLF001
+                log.debug("request from %s not complete within %ss", remote, cfg.handshake_timeout)
+            return
+        if not isinstance(request, h11.Request):
+            return  # ConnectionClosed: the client is done
+        try:
+            method = request.method.decode("ascii")
+            url = urlsplit(request.target.decode("ascii"))
+        except (UnicodeDecodeError, ValueError):
+            await _refuse(h, transport, 400, ErrorCode.BAD_REQUEST, "malformed request target")
+            return
+        if websocket.is_upgrade(request.headers):
+            await _upgrade(h, transport, server, request, url.path, remote)
+            return
+        try:
+            with trio.fail_after(cfg.handshake_timeout):
+                body = await _read_body(h, transport, cfg.max_message_size)
+        except _BodyTooLarge:
+            await _refuse(h, transport, 413, ErrorCode.TOO_LARGE,
+                          f"request body over {cfg.max_message_size} bytes")
+            return
+        except (h11.RemoteProtocolError, trio.TooSlowError, OSError):
+            return
+        req = Request(method, url.path, parse_qs(url.query), list(request.headers), body, remote)
+        resp = await server._route(req)
+        close = server.draining or h.our_state is h11.MUST_CLOSE
+        try:
+            await _respond(h, transport, resp, close)
+        except OSError:
+            return
+        if close or h.our_state is not h11.DONE or h.their_state is not h11.DONE:
+            return
+        h.start_next_cycle()
+
+
+async def _refuse(h: h11.Connection, transport: Transport, status: int, code: ErrorCode,
+                  message: str, headers: list[tuple[bytes, bytes]] | None = None) -> None:
+    if h.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+        return
+    try:
+        await _respond(h, transport, json_error(status, code, message, headers), close=True)
+    except (OSError, h11.LocalProtocolError):
+        pass
+
+
+async def _upgrade(h: h11.Connection, transport: Transport, server: Server,
+                   request: h11.Request, path: str, remote: str | None) -> None:
+    if path != server.config.ws_path:
+        await _refuse(h, transport, 404, ErrorCode.NOT_FOUND,
+                      f"no WebSocket endpoint at {path}; use {server.config.ws_path}")
+        return
+    try:
+        headers = websocket.check_upgrade(request.method, request.http_version, request.headers)
+    except websocket.HandshakeError as exc:
+        await _refuse(h, transport, exc.status, ErrorCode.BAD_REQUEST, exc.reason, exc.headers)
+        return
+    if server.draining:
+        await _refuse(h, transport, 503, ErrorCode.UNAVAILABLE, "server is draining")
+        return
+    if not server._has_capacity():
+        await _refuse(h, transport, 503, ErrorCode.UNAVAILABLE,
+                      "server at capacity (max_connections)", [(b"retry-after", b"1")])
+        return
+    event = await _next_event(h, transport)
+    if isinstance(event, h11.EndOfMessage):
+        event = await _next_event(h, transport)
+    if event is not h11.PAUSED:
+        await _refuse(h, transport, 400, ErrorCode.BAD_REQUEST, "upgrade request has a body")
+        return
+    data = h.send(h11.InformationalResponse(status_code=101, headers=[_SERVER_HEADER, *headers]))
+    trailing, _ = h.trailing_data
+    try:
+        await transport.send_all(data)
+    except OSError:
+        return
+    await server._run_websocket(transport, remote, bytes(trailing))
+
+
+# --- the push server's routes -------------------------------------------------------
+
+
+def push_routes(server: Server) -> dict[tuple[str, str], RouteHandler]:
+    async def healthz(req: Request) -> Response:
+        return json_response(200, {"status": "ok"})
+
+    async def readyz(req: Request) -> Response:
+        if server.draining:
+            return json_response(503, {"status": "draining"})
+        return json_response(200, {"status": "ready"})
+
+    async def publish(req: Request) -> Response:
+        key = server.config.api_key
+        if key is not None:
+            given = req.header(b"authorization") or b""
+            expected = b"Bearer " + key.encode()
+            if not hmac.compare_digest(given, expected):
+                return json_error(401, ErrorCode.UNAUTHORIZED,
+                                  "missing or wrong API key (Authorization: Bearer <key>)",
+                                  [(b"www-authenticate", b"Bearer")])
+        try:
+            body = orjson.loads(req.body)
+        except orjson.JSONDecodeError as exc:
+            return json_error(400, ErrorCode.BAD_REQUEST, f"invalid JSON: {exc}")
+        if not isinstance(body, dict) or "data" not in body:
+            return json_error(400, ErrorCode.BAD_REQUEST,
+                              'body must be {"topic": "...", "data": <any JSON>}')
+        try:
+            topic = validate_topic(body.get("topic"))
+        except ProtocolError as exc:
+            return json_error(400, exc.code, exc.message)
+        try:
+            result = server.hub.publish_nowait(topic, body["data"])
+        except HubClosed:
+            return json_error(503, ErrorCode.UNAVAILABLE, "server is draining")
+        except HubOverloaded as exc:
+            return json_error(503, ErrorCode.UNAVAILABLE, f"overloaded: {exc}",
+                              [(b"retry-after", b"1")])
+        return json_response(200, {"ok": True, "offset": result.offset,
+                                   "subscribers": result.subscribers})
+
+    return {
+        ("GET", "/healthz"): healthz,
+        ("GET", "/readyz"): readyz,
+        ("POST", "/api/publish"): publish,
+    }

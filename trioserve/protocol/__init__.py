@@ -1,0 +1,1 @@
+"""Sans-I/O protocol layer: bytes in, events and bytes out. Nothing here imports trio."""

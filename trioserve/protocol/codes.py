@@ -1,0 +1,62 @@
+"""Close codes, reasons and reply error codes: the one place they are named.
+
+WebSocket clients see these as close frames; TCP clients see the same numbers in
+a close line, so a client library can handle both transports with one table.
+"""
+
+from __future__ import annotations
+
+import enum
+
+__all__ = ["CloseCode", "ErrorCode", "default_reason"]
+
+
+class CloseCode(enum.IntEnum):
+    NORMAL = 1000
+    GOING_AWAY = 1001
+    PROTOCOL_ERROR = 1002
+    ABNORMAL = 1006
+    INVALID_DATA = 1007
+    MESSAGE_TOO_BIG = 1009
+    INTERNAL_ERROR = 1011
+    TRY_AGAIN_LATER = 1013
+    UNAUTHORIZED = 4001
+    HEARTBEAT_TIMEOUT = 4002
+    SLOW_CONSUMER = 4008
+
+
+_REASONS = {
+    CloseCode.NORMAL: "",
+    CloseCode.GOING_AWAY: "going away",
+    CloseCode.PROTOCOL_ERROR: "protocol error",
+    CloseCode.ABNORMAL: "connection lost",
+    CloseCode.INVALID_DATA: "invalid data",
+    CloseCode.MESSAGE_TOO_BIG: "message too big",
+    CloseCode.INTERNAL_ERROR: "internal error",
+    CloseCode.TRY_AGAIN_LATER: "server at capacity",
+    CloseCode.UNAUTHORIZED: "unauthorized",
+    CloseCode.HEARTBEAT_TIMEOUT: "heartbeat timeout",
+    CloseCode.SLOW_CONSUMER: "slow consumer",
+}
+
+
+def default_reason(code: int) -> str:
+    """The reason sent with *code* when the caller gives none."""
+    try:
+        return _REASONS[CloseCode(code)]
+    except ValueError:
+        return ""
+
+
+class ErrorCode(str, enum.Enum):
+    """``error.code`` values in ``{"ok": false, ...}`` replies and HTTP error bodies."""
+
+    BAD_REQUEST = "bad_request"
+    FORBIDDEN = "forbidden"
+    UNKNOWN_OP = "unknown_op"
+    UNAUTHORIZED = "unauthorized"
+    NOT_FOUND = "not_found"
+    METHOD_NOT_ALLOWED = "method_not_allowed"
+    TOO_LARGE = "too_large"
+    UNAVAILABLE = "unavailable"
+    INTERNAL = "internal"

@@ -1,0 +1,136 @@
+"""The client protocol: parse commands, encode replies and publications. No I/O.
+
+Every client message is one JSON object with an ``op``; see docs/protocol.md.
+Parsing validates shape and types here, so handlers receive a command they can
+trust and every bad message gets a named error code.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import attrs
+import orjson
+
+from .codes import ErrorCode
+
+__all__ = [
+    "Command",
+    "ProtocolError",
+    "encode_error",
+    "encode_publication",
+    "encode_reply",
+    "parse_command",
+    "validate_topic",
+]
+
+_TOPIC = re.compile(r"[A-Za-z0-9_.:/-]{1,200}")
+_MISSING = object()
+
+
+class ProtocolError(Exception):
+    """A client message we answer with ``{"ok": false, "error": {...}}``."""
+
+    def __init__(self, code: ErrorCode, message: str, id: Any = None):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.id = id
+
+
+@attrs.frozen(slots=True)
+class Command:
+    """A parsed client command.
+
+    ``fields`` is the whole JSON object, so custom ops can read their own keys.
+    """
+
+    op: str
+    id: Any
+    fields: dict[str, Any]
+
+    @property
+    def topic(self) -> str:
+        return self.fields["topic"]  # type: ignore[no-any-return]
+
+
+def validate_topic(topic: object, id: Any = None) -> str:
+    """Return *topic* if it is a valid topic name, else raise ``bad_request``."""
+    if not isinstance(topic, str) or not _TOPIC.fullmatch(topic):
+        raise ProtocolError(
+            ErrorCode.BAD_REQUEST,
+            "topic must be 1-200 characters of A-Z a-z 0-9 _ . : / -",
+            id,
+        )
+    return topic
+
+
+def _needs_topic(cmd: dict[str, Any], id: Any) -> None:
+    if "topic" not in cmd:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "missing 'topic'", id)
+    validate_topic(cmd["topic"], id)
+
+
+def _check_publish(cmd: dict[str, Any], id: Any) -> None:
+    _needs_topic(cmd, id)
+    if "data" not in cmd:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "missing 'data'", id)
+
+
+_VALIDATORS = {
+    "subscribe": _needs_topic,
+    "unsubscribe": _needs_topic,
+    "publish": _check_publish,
+    "ping": lambda cmd, id: None,
+}
+KNOWN_OPS = frozenset(_VALIDATORS)
+
+
+def parse_command(raw: str | bytes, extra_ops: frozenset[str] = frozenset()) -> Command:
+    """Parse one client message.
+
+    Ops in *extra_ops* are accepted without validation beyond the envelope, for
+    applications that add their own. Raises :class:`ProtocolError`.
+    """
+    try:
+        obj = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, f"invalid JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "message must be a JSON object")
+    id = obj.get("id")
+    if id is not None and (not isinstance(id, (int, str)) or isinstance(id, bool)):
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "'id' must be a string or an integer")
+    op = obj.get("op", _MISSING)
+    if op is _MISSING:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "missing 'op'", id)
+    if not isinstance(op, str):
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "'op' must be a string", id)
+    validator = _VALIDATORS.get(op)
+    if validator is not None:
+        validator(obj, id)
+    elif op not in extra_ops:
+        raise ProtocolError(ErrorCode.UNKNOWN_OP, f"unknown op {op[:64]!r}", id)
+    return Command(op=op, id=id, fields=obj)
+
+
+def encode_reply(id: Any = None, **fields: Any) -> bytes:
+    """``{"id": ..., "ok": true, ...fields}``; ``id`` is left out when None."""
+    body: dict[str, Any] = {} if id is None else {"id": id}
+    body["ok"] = True
+    body.update(fields)
+    return orjson.dumps(body)
+
+
+def encode_error(code: ErrorCode | str, message: str, id: Any = None) -> bytes:
+    body: dict[str, Any] = {} if id is None else {"id": id}
+    body["ok"] = False
+    body["error"] = {"code": str(code.value if isinstance(code, ErrorCode) else code),
+                     "message": message}
+    return orjson.dumps(body)
+
+
+def encode_publication(topic: str, offset: int, data: Any) -> bytes:
+    """The one JSON payload of a publication, shared by every subscriber."""
+    return orjson.dumps({"op": "pub", "topic": topic, "offset": offset, "data": data})

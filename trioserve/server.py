@@ -1,0 +1,351 @@
+"""The Server: one nursery per listener, the hub, drain and signals.
+
+::
+
+    Server.serve
+    ├── hub fan-out task
+    ├── listener "ws+http"   accept loop + one task per socket
+    ├── listener "tcp"       (when tcp_port is set)
+    └── signal watcher       (when handle_signals=True)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import signal
+import socket
+from collections.abc import Awaitable, Callable, Iterator
+
+import attrs
+import trio
+
+from . import http, listeners
+from .config import Config
+from .connection import (
+    Connection,
+    ConnectionClosed,
+    ConnectionState,
+    TcpConnection,
+    WebSocketConnection,
+)
+from .hub import Hub, HubStatistics
+from .protocol import ndjson
+from .protocol.codes import CloseCode, ErrorCode
+from .push import push_handler
+from .transport import SocketTransport, Transport
+
+__all__ = ["Handler", "Server", "ServerStatistics"]
+
+log = logging.getLogger("trioserve.server")
+
+Handler = Callable[[Connection], Awaitable[None]]
+
+
+@attrs.frozen
+class ServerStatistics:
+    connections: int
+    websocket_connections: int
+    tcp_connections: int
+    max_connections: int
+    rejected_connections: int
+    draining: bool
+    hub: HubStatistics
+
+
+@attrs.define
+class _Listener:
+    name: str
+    sockets: list[socket.socket]
+    nursery: trio.Nursery | None = None
+    accept_scope: trio.CancelScope = attrs.Factory(trio.CancelScope)
+
+
+class Server:
+    """A trioserve server: HTTP + WebSocket on one port, NDJSON over TCP on another.
+
+    Run it inside your own nursery; ``start`` returns once every listener is
+    bound, with the real ports in :attr:`addresses` (so port 0 works)::
+
+        server = Server(Config(port=0))
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server.serve)
+            print(server.addresses["ws+http"])
+
+    ``ws_handler`` / ``tcp_handler`` replace the push protocol for that transport;
+    a handler is ``async def handler(conn)`` and the connection closes (1000)
+    when it returns, or with 1011 if it raises.
+    """
+
+    def __init__(
+        self,
+        config: Config | None = None,
+        *,
+        hub: Hub | None = None,
+        ws_handler: Handler | None = None,
+        tcp_handler: Handler | None = None,
+        handle_signals: bool = False,
+    ):
+        self.config = config or Config()
+        self.hub = hub or Hub(self.config.hub_max_pending)
+        push = functools.partial(push_handler, server=self)
+        self.ws_handler: Handler = ws_handler or push
+        self.tcp_handler: Handler = tcp_handler or push
+        self.handle_signals = handle_signals
+        #: Bound addresses per listener name, filled in before ``started``.
+        self.addresses: dict[str, list[tuple[str, int]]] = {}
+        #: Set when a second signal cut the drain short: the signal number.
+        self.forced_exit: int | None = None
+        self.max_connections = self.config.max_connections or 0
+        self._routes = http.push_routes(self)
+        self._listeners: list[_Listener] = []
+        self._connections: set[Connection] = set()
+        self._idle_scopes: set[trio.CancelScope] = set()
+        self._sockets = 0
+        self._fd_budget = 0
+        self._rejected = 0
+        self._draining = False
+        self._drained = 0
+        self._forced = 0
+        self._drain_done = trio.Event()
+        self._started = False
+
+    # --- public ---------------------------------------------------------------------
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    def add_route(self, method: str, path: str, handler: http.RouteHandler) -> None:
+        """Serve ``method path`` on the HTTP port with ``async def handler(request) -> Response``."""
+        self._routes[(method.upper(), path)] = handler
+
+    @property
+    def connections(self) -> frozenset[Connection]:
+        return frozenset(self._connections)
+
+    def statistics(self) -> ServerStatistics:
+        ws = sum(1 for c in self._connections if isinstance(c, WebSocketConnection))
+        return ServerStatistics(
+            connections=len(self._connections),
+            websocket_connections=ws,
+            tcp_connections=len(self._connections) - ws,
+            max_connections=self.max_connections,
+            rejected_connections=self._rejected,
+            draining=self._draining,
+            hub=self.hub.statistics(),
+        )
+
+    async def serve(self, *, task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run until drained. ``nursery.start(server.serve)`` returns the server once bound."""
+        if self._started:
+            raise RuntimeError("a Server can be served only once")
+        self._started = True
+        self._check_capacity()
+        cfg = self.config
+        self._listeners.append(
+            _Listener("ws+http", listeners.bind_listeners(cfg.host, cfg.port, cfg.backlog, cfg.reuse_port))
+        )
+        try:
+            if cfg.tcp_port is not None:
+                self._listeners.append(
+                    _Listener("tcp", listeners.bind_listeners(cfg.host, cfg.tcp_port, cfg.backlog,
+                                                              cfg.reuse_port))
+                )
+            for lst in self._listeners:
+                self.addresses[lst.name] = [s.getsockname()[:2] for s in lst.sockets]
+            self._log_listening()
+            async with trio.open_nursery() as root:
+                await root.start(self.hub.run)
+                if self.handle_signals:
+                    root.start_soon(self._watch_signals, root)
+                async with trio.open_nursery() as listener_nursery:
+                    for lst in self._listeners:
+                        await listener_nursery.start(self._run_listener, lst)
+                    task_status.started(self)
+                log.info("drained %d, forced %d", self._drained, self._forced)
+                self._drain_done.set()
+                root.cancel_scope.cancel()
+        finally:
+            for lst in self._listeners:
+                for s in lst.sockets:
+                    listeners.close_listener(s)
+
+    async def drain(self, timeout: float | None = None) -> None:
+        """Close gracefully: stop accepting, report not-ready, deliver everything
+        already published, send 1001 to every client, and wait for them until
+        *timeout* (default ``drain_timeout``); then cancel what is left."""
+        if self._draining:
+            await self._drain_done.wait()
+            return
+        self._draining = True
+        deadline = trio.current_time() + (self.config.drain_timeout if timeout is None else timeout)
+        log.info("draining %d connections (deadline %.0fs)", len(self._connections),
+                 deadline - trio.current_time())
+        for lst in self._listeners:
+            lst.accept_scope.cancel()
+        for scope in self._idle_scopes:
+            scope.cancel()
+        self.hub.close()
+        with trio.move_on_at(deadline):
+            await self.hub.flush()
+        for conn in list(self._connections):
+            conn.start_close(CloseCode.GOING_AWAY)
+        for lst in self._listeners:
+            if lst.nursery is not None:
+                lst.nursery.cancel_scope.deadline = deadline
+        await self._drain_done.wait()
+
+    # --- internals ---------------------------------------------------------------------
+
+    def _check_capacity(self) -> None:
+        soft, _hard = listeners.raise_fd_limit()
+        self._fd_budget = listeners.fd_budget(soft)
+        if not self.max_connections:
+            self.max_connections = self._fd_budget
+        elif self.max_connections > self._fd_budget:
+            log.warning(
+                "max_connections=%d exceeds what the fd limit (%d) allows (~%d); connections "
+                "past that are refused. Raise the hard limit (ulimit -Hn / LimitNOFILE) or run "
+                "several workers.", self.max_connections, soft, self._fd_budget,
+            )
+        log.info("fd limit %d: capacity ~%d connections, max_connections=%d",
+                 soft, self._fd_budget, self.max_connections)
+
+    def _log_listening(self) -> None:
+        for name, addrs in self.addresses.items():
+            for host, port in addrs:
+                shown = f"[{host}]" if ":" in host else host
+                if name == "ws+http":
+                    log.info("listening on http://%s:%d (WebSocket at ws://%s:%d%s)",
+                             shown, port, shown, port, self.config.ws_path)
+                else:
+                    log.info("listening on tcp://%s:%d (NDJSON)", shown, port)
+
+    async def _run_listener(self, lst: _Listener, *, task_status: trio.TaskStatus[None]) -> None:
+        async with trio.open_nursery() as nursery:
+            lst.nursery = nursery
+            serve_socket = self._serve_http_socket if lst.name == "ws+http" else self._serve_tcp_socket
+
+            def on_accept(sock: socket.socket, remote: str) -> None:
+                if self._sockets >= self._fd_budget:
+                    # Past the fd budget even a refusal could fail; shed at once.
+                    self._rejected += 1
+                    sock.close()
+                    return
+                self._sockets += 1
+                nursery.start_soon(serve_socket, sock, remote)
+
+            for lsock in lst.sockets:
+                nursery.start_soon(self._accept, lst, lsock, on_accept)
+            task_status.started()
+
+    async def _accept(self, lst: _Listener, lsock: socket.socket,
+                      on_accept: Callable[[socket.socket, str], None]) -> None:
+        with lst.accept_scope:
+            await listeners.accept_loop(lsock, on_accept)
+        listeners.close_listener(lsock)
+
+    @contextlib.contextmanager
+    def _idle_scope(self) -> Iterator[trio.CancelScope]:
+        scope = trio.CancelScope()
+        if self._draining:
+            scope.cancel()
+        self._idle_scopes.add(scope)
+        try:
+            with scope:
+                yield scope
+        finally:
+            self._idle_scopes.discard(scope)
+
+    def _has_capacity(self) -> bool:
+        return len(self._connections) < self.max_connections
+
+    async def _route(self, req: http.Request) -> http.Response:
+        handler = self._routes.get((req.method, req.path))
+        if handler is None:
+            allowed = sorted(m for (m, p) in self._routes if p == req.path)
+            if allowed:
+                return http.json_error(405, ErrorCode.METHOD_NOT_ALLOWED,
+                                       f"{req.method} not allowed on {req.path}",
+                                       [(b"allow", ", ".join(allowed).encode())])
+            return http.json_error(404, ErrorCode.NOT_FOUND, f"no route for {req.path}")
+        try:
+            return await handler(req)
+        except Exception:
+            log.exception("route %s %s failed", req.method, req.path)
+            return http.json_error(500, ErrorCode.INTERNAL, "internal error")
+
+    async def _serve_http_socket(self, sock: socket.socket, remote: str) -> None:
+        transport = SocketTransport(sock)
+        try:
+            await http.serve_http(transport, self, remote)
+        finally:
+            transport.close()
+            self._sockets -= 1
+
+    async def _run_websocket(self, transport: Transport, remote: str | None, trailing: bytes) -> None:
+        nursery = self._listeners[0].nursery
+        assert nursery is not None
+        conn = WebSocketConnection(transport, self.config, nursery, remote, trailing)
+        await self._run_connection(conn, self.ws_handler)
+
+    async def _serve_tcp_socket(self, sock: socket.socket, remote: str) -> None:
+        transport = SocketTransport(sock)
+        try:
+            if self._draining or not self._has_capacity():
+                self._rejected += 1
+                code = CloseCode.GOING_AWAY if self._draining else CloseCode.TRY_AGAIN_LATER
+                reason = "server is draining" if self._draining else "server at capacity"
+                transport.try_send(ndjson.close_line(code, reason))
+                return
+            nursery = self._listeners[-1].nursery
+            assert nursery is not None
+            await self._run_connection(TcpConnection(transport, self.config, nursery, remote),
+                                       self.tcp_handler)
+        except OSError:
+            pass
+        finally:
+            transport.close()
+            self._sockets -= 1
+
+    async def _run_connection(self, conn: Connection, handler: Handler) -> None:
+        self._connections.add(conn)
+        log.debug("connect %s (%s)", conn.remote, conn.transport_name)
+        if self._draining:
+            conn.start_close(CloseCode.GOING_AWAY)
+        try:
+            try:
+                await handler(conn)
+            except ConnectionClosed:
+                pass
+            except Exception:
+                log.exception("handler failed on %s; closing 1011", conn.remote)
+                conn.start_close(CloseCode.INTERNAL_ERROR)
+            await conn.close()
+        finally:
+            self._connections.discard(conn)
+            self.hub.unsubscribe_all(conn)
+            if conn.state is not ConnectionState.CLOSED:
+                conn.abort()
+                if self._draining:
+                    self._forced += 1
+            elif self._draining:
+                self._drained += 1
+            with trio.CancelScope(shield=True):
+                await conn.transport.aclose()
+            log.debug("disconnect %s: %s %s", conn.remote, conn.close_code, conn.close_reason or "")
+
+    async def _watch_signals(self, root: trio.Nursery) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                name = signal.Signals(signum).name
+                if not self._draining:
+                    log.info("%s: draining (send it again to exit at once)", name)
+                    root.start_soon(self.drain)
+                else:
+                    log.warning("%s again: exiting without waiting for the drain", name)
+                    self.forced_exit = signum
+                    root.cancel_scope.cancel()
+                    return
