@@ -106,6 +106,8 @@ class Server:
         self._fd_budget = 0
         self._rejected = 0
         self._draining = False
+        self._http_closed = False
+        self._conn_gone = trio.lowlevel.ParkingLot()
         self._drained = 0
         self._forced = 0
         self._drain_done = trio.Event()
@@ -183,10 +185,11 @@ class Server:
         deadline = trio.current_time() + (self.config.drain_timeout if timeout is None else timeout)
         log.info("draining %d connections (deadline %.0fs)", len(self._connections),
                  deadline - trio.current_time())
-        for lst in self._listeners:
+        # The HTTP port keeps answering while connections close, so probes see
+        # /readyz 503 and new clients get a 503 upgrade rather than a refused
+        # connection; only the TCP listener, which has no such answer, stops now.
+        for lst in self._listeners[1:]:
             lst.accept_scope.cancel()
-        for scope in self._idle_scopes:
-            scope.cancel()
         self.hub.close()
         with trio.move_on_at(deadline):
             await self.hub.flush()
@@ -195,6 +198,13 @@ class Server:
         for lst in self._listeners:
             if lst.nursery is not None:
                 lst.nursery.cancel_scope.deadline = deadline
+        with trio.move_on_at(deadline):
+            while self._connections:
+                await self._conn_gone.park()
+        self._http_closed = True
+        self._listeners[0].accept_scope.cancel()
+        for scope in self._idle_scopes:
+            scope.cancel()
         await self._drain_done.wait()
 
     # --- internals ---------------------------------------------------------------------
@@ -250,7 +260,7 @@ class Server:
     @contextlib.contextmanager
     def _idle_scope(self) -> Iterator[trio.CancelScope]:
         scope = trio.CancelScope()
-        if self._draining:
+        if self._http_closed:
             scope.cancel()
         self._idle_scopes.add(scope)
         try:
@@ -326,6 +336,7 @@ class Server:
             await conn.close()
         finally:
             self._connections.discard(conn)
+            self._conn_gone.unpark_all()
             self.hub.unsubscribe_all(conn)
             if conn.state is not ConnectionState.CLOSED:
                 conn.abort()
