@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import click
@@ -16,7 +17,7 @@ from .server import Server
 _DEFAULTS = Config()
 
 
-def _option(name: str, **kwargs: Any) -> Any:
+def _option(name: str, **kwargs: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """A ``serve`` option that can also be set as ``TRIOSERVE_<NAME>``."""
     env = "TRIOSERVE_" + name.split("/")[0].lstrip("-").replace("-", "_").upper()
     return click.option(name, envvar=env, show_envvar=True, show_default=True, **kwargs)
@@ -40,7 +41,8 @@ def main() -> None:
 @_option("--api-key", default=None,
          help="Require 'Authorization: Bearer KEY' on POST /api/publish.  [default: none, open]")
 @_option("--max-connections", type=click.IntRange(1), default=None,
-         help="Client connections at once; more get HTTP 503 / a close line.  [default: what the fd limit allows]")
+         help="Client connections at once; more get HTTP 503 / a close line.  "
+              "[default: what the fd limit allows]")
 @_option("--max-message-size", type=click.IntRange(1), default=_DEFAULTS.max_message_size,
          help="Largest client message, TCP line or HTTP body, in bytes (over it: close 1009 / 413).")
 @_option("--ping-interval", type=click.FloatRange(min=0, min_open=True), default=_DEFAULTS.ping_interval,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+from typing import Any
 
 import attrs
 
@@ -13,17 +14,17 @@ class ConfigError(ValueError):
     """A configuration value is invalid; the message names the option and the fix."""
 
 
-class SlowConsumerPolicy(str, enum.Enum):
+class SlowConsumerPolicy(enum.StrEnum):
     DISCONNECT = "disconnect"
     DROP_OLDEST = "drop-oldest"
 
 
-def _positive(inst: object, attr: attrs.Attribute[object], value: object) -> None:
+def _positive(inst: object, attr: attrs.Attribute[Any], value: Any) -> None:
     if value is not None and not (isinstance(value, (int, float)) and value > 0):
         raise ConfigError(f"{attr.name} must be a positive number, got {value!r}")
 
 
-def _port(inst: object, attr: attrs.Attribute[object], value: object) -> None:
+def _port(inst: object, attr: attrs.Attribute[Any], value: Any) -> None:
     if value is None:
         return
     if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 65535:

@@ -10,7 +10,6 @@ heartbeat is the deadline of the reader's cancel scope, not a sleeping task.
 from __future__ import annotations
 
 import enum
-import itertools
 import logging
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -18,9 +17,10 @@ from typing import ClassVar
 
 import attrs
 import trio
-import wsproto
 import wsproto.events as wse
+from wsproto.connection import Connection as WSConnection
 from wsproto.connection import ConnectionState as WSState
+from wsproto.connection import ConnectionType
 
 from .config import Config, SlowConsumerPolicy
 from .protocol import ndjson, websocket
@@ -43,6 +43,16 @@ _MAX_IOV = 64
 # Bytes handed to one sendmsg(); more would only sit in the kernel's buffer anyway.
 _MAX_WRITE = 256 * 1024
 _PING_FRAME = b"\x89\x00"
+
+# How a close ends once our close frame (or line) is flushed:
+#: wait for the peer's close frame (WebSocket) or EOF (TCP);
+_HANDSHAKE = "handshake"
+#: we answered the peer's close: close the transport;
+_REPLIED = "replied"
+#: we failed the connection (bad input): send EOF and discard whatever still
+#: arrives until the peer closes or the close deadline passes, so our close
+#: frame is not destroyed by a reset (closing with unread input sends RST).
+_FAILED = "failed"
 
 
 class ConnectionState(enum.Enum):
@@ -98,11 +108,34 @@ class Connection:
     transport_name: ClassVar[str]
 
     __slots__ = (
-        "_transport", "_config", "_nursery", "_task", "remote", "state",
-        "_queue", "_head_offset", "_queued_bytes", "_queued_frames", "_writer_running",
-        "_drained", "_done", "_inbox", "_reading", "_scope", "_last_rx", "_ping_sent_at",
-        "_close_code", "_close_reason", "_close_deadline", "_finish_on_flush",
-        "_bytes_in", "_bytes_out", "_msgs_in", "_msgs_out", "_dropped", "_slow",
+        "_bytes_in",
+        "_bytes_out",
+        "_close_code",
+        "_close_deadline",
+        "_close_mode",
+        "_close_reason",
+        "_config",
+        "_done",
+        "_drained",
+        "_dropped",
+        "_head_offset",
+        "_inbox",
+        "_last_rx",
+        "_msgs_in",
+        "_msgs_out",
+        "_nursery",
+        "_ping_sent_at",
+        "_queue",
+        "_queued_bytes",
+        "_queued_frames",
+        "_reading",
+        "_scope",
+        "_slow",
+        "_task",
+        "_transport",
+        "_writer_running",
+        "remote",
+        "state",
     )  # fmt: skip
 
     def __init__(
@@ -135,7 +168,7 @@ class Connection:
         self._close_code: int | None = None
         self._close_reason: str | None = None
         self._close_deadline = 0.0
-        self._finish_on_flush = False
+        self._close_mode = _HANDSHAKE
         self._bytes_in = self._bytes_out = self._msgs_in = self._msgs_out = 0
         self._dropped = 0
         self._slow = False
@@ -310,8 +343,10 @@ class Connection:
             self._drained.set()
             self._drained = None
         if self.state is ConnectionState.CLOSING:
-            if self._finish_on_flush:
+            if self._close_mode is _REPLIED:
                 self._finish()
+            elif self._close_mode is _FAILED:
+                self._transport.shutdown_write()
             else:
                 self._on_close_sent()
 
@@ -335,6 +370,8 @@ class Connection:
         Messages already received are returned without a checkpoint, so a burst
         from one client is handled in one go (which lets the hub batch it).
         """
+        # Reading is inlined here rather than in a helper: this coroutine is on
+        # the stack of every idle connection, and each frame costs ~250 bytes.
         while True:
             inbox = self._inbox
             if inbox:
@@ -345,10 +382,27 @@ class Connection:
             if self.state is ConnectionState.CLOSED:
                 raise ConnectionClosed(self._close_code, self._close_reason)
             self._reading = True
-            try:
-                await self._read_chunk()
-            finally:
-                self._reading = False
+            with trio.CancelScope(deadline=self._next_deadline()) as scope:
+                self._scope = scope
+                try:
+                    data = await self._transport.receive_some()
+                except OSError:
+                    data = b""
+                finally:
+                    self._scope = None
+                    self._reading = False
+            if scope.cancelled_caught:
+                self._on_deadline()
+            elif not data:
+                if self._close_code is None:
+                    self._close_code = CloseCode.ABNORMAL
+                    self._close_reason = default_reason(CloseCode.ABNORMAL)
+                self._finish()
+            else:
+                self._last_rx = trio.current_time()
+                self._ping_sent_at = None
+                self._bytes_in += len(data)
+                self._feed(data)
 
     def __aiter__(self) -> Connection:
         return self
@@ -366,32 +420,6 @@ class Connection:
             return self._ping_sent_at + self._config.ping_timeout
         return self._last_rx + self._config.ping_interval
 
-    async def _read_chunk(self) -> None:
-        while True:
-            with trio.CancelScope(deadline=self._next_deadline()) as scope:
-                self._scope = scope
-                try:
-                    data = await self._transport.receive_some()
-                except OSError:
-                    data = b""
-                finally:
-                    self._scope = None
-            if not scope.cancelled_caught:
-                break
-            self._on_deadline()
-            if self.state is ConnectionState.CLOSED:
-                return
-        if not data:
-            if self._close_code is None:
-                self._close_code = CloseCode.ABNORMAL
-                self._close_reason = default_reason(CloseCode.ABNORMAL)
-            self._finish()
-            return
-        self._last_rx = trio.current_time()
-        self._ping_sent_at = None
-        self._bytes_in += len(data)
-        self._feed(data)
-
     def _on_deadline(self) -> None:
         if self.state is ConnectionState.CLOSING:
             log.debug("close handshake with %s timed out; closing", self.remote)
@@ -405,7 +433,7 @@ class Connection:
     # --- closing ------------------------------------------------------------------------
 
     def _start_close(
-        self, code: int, reason: str | None = None, *, finish_on_flush: bool = False
+        self, code: int, reason: str | None = None, *, failed: bool = False
     ) -> None:
         if self.state is not ConnectionState.OPEN:
             return
@@ -414,7 +442,7 @@ class Connection:
         self._close_code = code
         self._close_reason = reason
         self._close_deadline = trio.current_time() + self._config.close_timeout
-        self._finish_on_flush = finish_on_flush
+        self._close_mode = _FAILED if failed else _HANDSHAKE
         if self._scope is not None:
             self._scope.deadline = self._close_deadline
         self._write(self._close_frame(code, reason), 0, limited=False)
@@ -431,7 +459,7 @@ class Connection:
         ``close_timeout`` the connection is closed anyway.
         """
         self._start_close(code, reason)
-        if self.state is ConnectionState.CLOSED:
+        if self.closed:
             await trio.lowlevel.checkpoint()
             return
         if self._reading or trio.lowlevel.current_task() is not self._task:
@@ -442,12 +470,13 @@ class Connection:
                 await self._done.wait()
             self._finish()
             return
-        while self.state is not ConnectionState.CLOSED:
-            self._reading = True
+        # This task reads: messages still arriving are dropped (state is CLOSING)
+        # until the peer's close, EOF or the close deadline.
+        while not self.closed:
             try:
-                await self._read_chunk()
-            finally:
-                self._reading = False
+                await self.receive()
+            except ConnectionClosed:
+                return
 
     def abort(self) -> None:
         """Close the transport now, without a handshake."""
@@ -475,6 +504,11 @@ class Connection:
             self._drained.set()
 
     # --- introspection ----------------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        """True once the transport is closed (handshake done, timed out, or aborted)."""
+        return self.state is ConnectionState.CLOSED
 
     @property
     def close_code(self) -> int | None:
@@ -519,7 +553,7 @@ class WebSocketConnection(Connection):
     framing = WEBSOCKET
     transport_name = "websocket"
 
-    __slots__ = ("_ws", "_parts", "_parts_size")
+    __slots__ = ("_parts", "_parts_size", "_ws")
 
     def __init__(
         self,
@@ -530,7 +564,7 @@ class WebSocketConnection(Connection):
         trailing_data: bytes = b"",
     ):
         super().__init__(transport, config, nursery, remote)
-        self._ws = wsproto.Connection(wsproto.ConnectionType.SERVER)
+        self._ws = WSConnection(ConnectionType.SERVER)
         self._parts: list[str | bytes] | None = None
         self._parts_size = 0
         if trailing_data:
@@ -559,12 +593,12 @@ class WebSocketConnection(Connection):
         return self._parts_size + len(data.encode()) > limit
 
     def _feed(self, data: bytes) -> None:
-        if self._finish_on_flush:
-            return  # failed: nothing more is parsed
+        if self._close_mode is _FAILED:
+            return
         ws = self._ws
         ws.receive_data(data)
         for event in ws.events():
-            if isinstance(event, wse.Message):
+            if isinstance(event, (wse.TextMessage, wse.BytesMessage)):
                 self._on_message_part(event)
             elif isinstance(event, wse.Ping):
                 if self.state is ConnectionState.OPEN:
@@ -572,13 +606,13 @@ class WebSocketConnection(Connection):
             elif isinstance(event, wse.CloseConnection):
                 self._on_close_event(event)
                 return
-            if self._finish_on_flush:
+            if self._close_mode is _FAILED:
                 return
 
-    def _on_message_part(self, event: wse.Message[str] | wse.Message[bytes]) -> None:
-        data = event.data
+    def _on_message_part(self, event: wse.TextMessage | wse.BytesMessage) -> None:
+        data = event.data if isinstance(event.data, str) else bytes(event.data)
         if self._too_big(data):
-            self._start_close(CloseCode.MESSAGE_TOO_BIG, finish_on_flush=True)
+            self._start_close(CloseCode.MESSAGE_TOO_BIG, failed=True)
             return
         if event.message_finished and self._parts is None:
             self._deliver_in(data)
@@ -602,12 +636,12 @@ class WebSocketConnection(Connection):
                 self._close_code = event.code
                 self._close_reason = event.reason
                 self._close_deadline = trio.current_time() + self._config.close_timeout
-            self._finish_on_flush = True
+            self._close_mode = _REPLIED
             self._write(self._ws.send(event.response()), 0, limited=False)
         else:
             # wsproto reports a malformed frame as a close event while still OPEN.
             log.debug("protocol error from %s: %s %s", self.remote, event.code, event.reason)
-            self._start_close(event.code, event.reason, finish_on_flush=True)
+            self._start_close(event.code, event.reason, failed=True)
 
 
 class TcpConnection(Connection):
@@ -642,22 +676,21 @@ class TcpConnection(Connection):
         self._transport.shutdown_write()
 
     def _feed(self, data: bytes) -> None:
-        if self._finish_on_flush:
+        if self._close_mode is _FAILED:
             return
         try:
             lines = self._lines.feed(data)
         except ndjson.LineTooLong:
-            self._start_close(CloseCode.MESSAGE_TOO_BIG, "line too long", finish_on_flush=True)
+            self._start_close(CloseCode.MESSAGE_TOO_BIG, "line too long", failed=True)
             return
         for raw in lines:
             try:
                 text = raw.decode()
             except UnicodeDecodeError:
-                self._start_close(CloseCode.INVALID_DATA, "invalid UTF-8", finish_on_flush=True)
+                self._start_close(CloseCode.INVALID_DATA, "invalid UTF-8", failed=True)
                 return
             control = ndjson.control_op(text)
             if control is None:
                 self._deliver_in(text)
             elif control[0] == "ping" and self.state is ConnectionState.OPEN:
-                pong = ndjson.PONG_LINE if control[1] is None else ndjson.pong_line(control[1])
-                self._write(pong, 0, limited=False)
+                self._write(ndjson.pong_reply(control[1]), 0, limited=False)

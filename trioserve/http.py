@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hmac
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -119,8 +119,14 @@ async def _respond(h: h11.Connection, transport: Transport, resp: Response, clos
     await transport.send_all(data)
 
 
-async def serve_http(transport: Transport, server: Server, remote: str | None) -> None:
-    """Serve one socket of the HTTP+WebSocket listener until it closes or upgrades."""
+async def serve_http(transport: Transport, server: Server, remote: str | None) -> bytes | None:
+    """Serve one socket of the HTTP+WebSocket listener until it closes or upgrades.
+
+    Returns None when the socket is done, or, after a 101, the bytes that came
+    after the request (the start of the WebSocket stream). Returning rather
+    than running the WebSocket from here lets the h11 state and this frame be
+    freed: they would otherwise cost every idle connection about 3 KB.
+    """
     cfg = server.config
     h = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
     while True:
@@ -131,87 +137,113 @@ async def serve_http(transport: Transport, server: Server, remote: str | None) -
             try:
                 request = await _next_event(h, transport)
             except h11.RemoteProtocolError as exc:
-                await _refuse(h, transport, exc.error_status_hint, ErrorCode.BAD_REQUEST, str(exc))
-                return
+                bad = json_error(exc.error_status_hint, ErrorCode.BAD_REQUEST, str(exc))
+                await _refuse(h, transport, bad, linger=cfg.close_timeout)
+                return None
             except OSError:
-                return
+                return None
         if idle.cancelled_caught:
-            if h.their_state is h11.SEND_BODY or h._receive_buffer:  # noqa: SLF001
-                log.debug("request from %s not complete within %ss", remote, cfg.handshake_timeout)
-            return
+            log.debug("no complete request from %s within %ss (or draining)", remote,
+                      cfg.handshake_timeout)
+            return None
         if not isinstance(request, h11.Request):
-            return  # ConnectionClosed: the client is done
+            return None  # ConnectionClosed: the client is done
         try:
             method = request.method.decode("ascii")
             url = urlsplit(request.target.decode("ascii"))
         except (UnicodeDecodeError, ValueError):
-            await _refuse(h, transport, 400, ErrorCode.BAD_REQUEST, "malformed request target")
-            return
+            await _refuse(h, transport, json_error(400, ErrorCode.BAD_REQUEST, "malformed request target"))
+            return None
         if websocket.is_upgrade(request.headers):
-            await _upgrade(h, transport, server, request, url.path, remote)
-            return
+            return await _upgrade(h, transport, server, request, url.path)
+        too_large = json_error(413, ErrorCode.TOO_LARGE,
+                               f"request body over {cfg.max_message_size} bytes")
+        if _declared_length(request.headers) > cfg.max_message_size:
+            await _refuse(h, transport, too_large, linger=cfg.close_timeout)
+            return None
         try:
+            if h.they_are_waiting_for_100_continue:
+                await transport.send_all(h.send(h11.InformationalResponse(status_code=100, headers=[])))
             with trio.fail_after(cfg.handshake_timeout):
                 body = await _read_body(h, transport, cfg.max_message_size)
         except _BodyTooLarge:
-            await _refuse(h, transport, 413, ErrorCode.TOO_LARGE,
-                          f"request body over {cfg.max_message_size} bytes")
-            return
+            await _refuse(h, transport, too_large, linger=cfg.close_timeout)
+            return None
         except (h11.RemoteProtocolError, trio.TooSlowError, OSError):
-            return
+            return None
         req = Request(method, url.path, parse_qs(url.query), list(request.headers), body, remote)
         resp = await server._route(req)
         close = server.draining or h.our_state is h11.MUST_CLOSE
         try:
             await _respond(h, transport, resp, close)
         except OSError:
-            return
+            return None
         if close or h.our_state is not h11.DONE or h.their_state is not h11.DONE:
-            return
+            return None
         h.start_next_cycle()
 
 
-async def _refuse(h: h11.Connection, transport: Transport, status: int, code: ErrorCode,
-                  message: str, headers: list[tuple[bytes, bytes]] | None = None) -> None:
+async def _refuse(h: h11.Connection, transport: Transport, resp: Response,
+                  linger: float = 0) -> None:
+    """Answer with *resp* and end the connection.
+
+    With *linger*, first send EOF and read and discard until the client closes
+    or *linger* seconds pass: closing a socket with unread input sends a reset,
+    which can destroy the answer before a client still sending has read it.
+    """
     if h.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
         return
     try:
-        await _respond(h, transport, json_error(status, code, message, headers), close=True)
+        await _respond(h, transport, resp, close=True)
+        if linger:
+            transport.shutdown_write()
+            with trio.move_on_after(linger):
+                while await transport.receive_some():
+                    pass
     except (OSError, h11.LocalProtocolError):
         pass
 
 
+def _declared_length(headers: Sequence[tuple[bytes, bytes]]) -> int:
+    for name, value in headers:
+        if name == b"content-length":
+            return int(value)  # h11 has validated it
+    return 0
+
+
 async def _upgrade(h: h11.Connection, transport: Transport, server: Server,
-                   request: h11.Request, path: str, remote: str | None) -> None:
+                   request: h11.Request, path: str) -> bytes | None:
     if path != server.config.ws_path:
-        await _refuse(h, transport, 404, ErrorCode.NOT_FOUND,
-                      f"no WebSocket endpoint at {path}; use {server.config.ws_path}")
-        return
+        await _refuse(h, transport, json_error(
+            404, ErrorCode.NOT_FOUND, f"no WebSocket endpoint at {path}; use {server.config.ws_path}"))
+        return None
     try:
         headers = websocket.check_upgrade(request.method, request.http_version, request.headers)
     except websocket.HandshakeError as exc:
-        await _refuse(h, transport, exc.status, ErrorCode.BAD_REQUEST, exc.reason, exc.headers)
-        return
+        await _refuse(h, transport, json_error(exc.status, ErrorCode.BAD_REQUEST, exc.reason, exc.headers))
+        return None
     if server.draining:
-        await _refuse(h, transport, 503, ErrorCode.UNAVAILABLE, "server is draining")
-        return
+        await _refuse(h, transport, json_error(503, ErrorCode.UNAVAILABLE, "server is draining"))
+        return None
     if not server._has_capacity():
-        await _refuse(h, transport, 503, ErrorCode.UNAVAILABLE,
-                      "server at capacity (max_connections)", [(b"retry-after", b"1")])
-        return
+        server._rejected += 1
+        await _refuse(h, transport, json_error(503, ErrorCode.UNAVAILABLE,
+                                               "server at capacity (max_connections)",
+                                               [(b"retry-after", b"1")]))
+        return None
     event = await _next_event(h, transport)
     if isinstance(event, h11.EndOfMessage):
         event = await _next_event(h, transport)
     if event is not h11.PAUSED:
-        await _refuse(h, transport, 400, ErrorCode.BAD_REQUEST, "upgrade request has a body")
-        return
+        await _refuse(h, transport, json_error(400, ErrorCode.BAD_REQUEST, "upgrade request has a body"))
+        return None
     data = h.send(h11.InformationalResponse(status_code=101, headers=[_SERVER_HEADER, *headers]))
     trailing, _ = h.trailing_data
     try:
         await transport.send_all(data)
     except OSError:
-        return
-    await server._run_websocket(transport, remote, bytes(trailing))
+        return None
+    return bytes(trailing)
 
 
 # --- the push server's routes -------------------------------------------------------

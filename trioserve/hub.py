@@ -73,7 +73,9 @@ class Hub:
         self.max_pending = max_pending
         self._topics: dict[str, dict[Framing, set[Connection]]] = {}
         # Kept on the hub side so an idle, unsubscribed connection carries nothing.
-        self._by_conn: dict[Connection, set[str]] = {}
+        # Most connections have one topic: that is stored as the str itself,
+        # since an empty set alone costs 216 bytes per connection.
+        self._by_conn: dict[Connection, str | set[str]] = {}
         self._offsets: dict[str, int] = {}
         self._inbox: deque[tuple[str, bytes]] = deque()
         self._wake = trio.lowlevel.ParkingLot()
@@ -90,28 +92,37 @@ class Hub:
 
     def subscribe(self, conn: Connection, topic: str) -> bool:
         """Add *conn* to *topic*; False if it was subscribed already."""
-        topics = self._by_conn.setdefault(conn, set())
-        if topic in topics:
+        held = self._by_conn.get(conn)
+        if held is None:
+            self._by_conn[conn] = topic
+        elif isinstance(held, str):
+            if held == topic:
+                return False
+            self._by_conn[conn] = {held, topic}
+        elif topic in held:
             return False
-        topics.add(topic)
+        else:
+            held.add(topic)
         self._topics.setdefault(topic, {}).setdefault(conn.framing, set()).add(conn)
         self._subscriptions += 1
         return True
 
     def unsubscribe(self, conn: Connection, topic: str) -> bool:
         """Remove *conn* from *topic*; False if it was not subscribed."""
-        topics = self._by_conn.get(conn)
-        if not topics or topic not in topics:
+        held = self._by_conn.get(conn)
+        if held is None or (held != topic if isinstance(held, str) else topic not in held):
             return False
-        topics.discard(topic)
-        if not topics:
+        if isinstance(held, str) or len(held) == 1:
             del self._by_conn[conn]
+        else:
+            held.discard(topic)
         self._remove(conn, topic)
         return True
 
     def unsubscribe_all(self, conn: Connection) -> None:
         """Drop every subscription of *conn* (called when it disconnects)."""
-        for topic in self._by_conn.pop(conn, ()):
+        held = self._by_conn.pop(conn, None)
+        for topic in (held,) if isinstance(held, str) else held or ():
             self._remove(conn, topic)
 
     def _remove(self, conn: Connection, topic: str) -> None:
@@ -125,7 +136,8 @@ class Hub:
                 del self._topics[topic]
 
     def topics_of(self, conn: Connection) -> frozenset[str]:
-        return frozenset(self._by_conn.get(conn, ()))
+        held = self._by_conn.get(conn)
+        return frozenset((held,) if isinstance(held, str) else held or ())
 
     def offset(self, topic: str) -> int:
         """The offset of the last publication to *topic* (0 if none)."""

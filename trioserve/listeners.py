@@ -75,7 +75,8 @@ def bind_listeners(host: str, port: int, backlog: int, reuse_port: bool = False)
             try:
                 sock.bind(addr)
             except OSError as exc:
-                raise OSError(exc.errno, f"cannot listen on {addr[0]}:{addr[1]}: {exc.strerror}") from None
+                where = f"{addr[0]!s}:{addr[1]!s}"
+                raise OSError(exc.errno, f"cannot listen on {where}: {exc.strerror}") from None
             sock.listen(backlog)
             sock.setblocking(False)
     except BaseException:

@@ -34,7 +34,7 @@ from .hub import Hub, HubStatistics
 from .protocol import ndjson
 from .protocol.codes import CloseCode, ErrorCode
 from .push import push_handler
-from .transport import SocketTransport, Transport
+from .transport import SocketTransport
 
 __all__ = ["Handler", "Server", "ServerStatistics"]
 
@@ -290,16 +290,15 @@ class Server:
     async def _serve_http_socket(self, sock: socket.socket, remote: str) -> None:
         transport = SocketTransport(sock)
         try:
-            await http.serve_http(transport, self, remote)
+            trailing = await http.serve_http(transport, self, remote)
+            if trailing is not None:
+                nursery = self._listeners[0].nursery
+                assert nursery is not None
+                conn = WebSocketConnection(transport, self.config, nursery, remote, trailing)
+                await self._run_connection(conn, self.ws_handler)
         finally:
             transport.close()
             self._sockets -= 1
-
-    async def _run_websocket(self, transport: Transport, remote: str | None, trailing: bytes) -> None:
-        nursery = self._listeners[0].nursery
-        assert nursery is not None
-        conn = WebSocketConnection(transport, self.config, nursery, remote, trailing)
-        await self._run_connection(conn, self.ws_handler)
 
     async def _serve_tcp_socket(self, sock: socket.socket, remote: str) -> None:
         transport = SocketTransport(sock)

@@ -87,11 +87,13 @@ class WSPeer:
                         await self.send(event.response())
                     except trio.BrokenResourceError:
                         pass
-                # Drain to EOF so the test sees the server close the transport.
+                # Drain to EOF so the test sees the server close the transport,
+                # then close our side as a real client does.
                 while not self.eof:
                     data = await self.stream.receive_some(65536)
                     if not data:
                         self.eof = True
+                await self.stream.aclose()
                 return events
 
 
@@ -106,10 +108,11 @@ class LinePeer:
         await self.stream.send_all(line + b"\n")
 
     async def next_line(self) -> bytes | None:
-        """The next line, or None at EOF."""
+        """The next line, or None at EOF (after which the peer closes, as clients do)."""
         while b"\n" not in self._buf:
             data = await self.stream.receive_some(65536)
             if not data:
+                await self.stream.aclose()
                 return None
             self._buf += data
         line, self._buf = self._buf.split(b"\n", 1)

@@ -99,7 +99,7 @@ async def test_text_and_binary_messages(pair: PairFactory) -> None:
 
 async def test_fragmented_message_is_joined(pair: PairFactory) -> None:
     async with trio.open_nursery() as nursery:
-        conn, peer = await start_ws(nursery, pair)
+        _, peer = await start_ws(nursery, pair)
         await peer.send(wse.TextMessage("ab", message_finished=False))
         await peer.send(wse.TextMessage("cd", message_finished=True))
         assert await peer.next_message() == "ABCD"
@@ -174,7 +174,7 @@ async def test_peer_initiated_close(pair: PairFactory) -> None:
             seen.append(exc)
 
     async with trio.open_nursery() as nursery:
-        conn, peer = await start_ws(nursery, pair, handler)
+        _, peer = await start_ws(nursery, pair, handler)
         await peer.send(wse.CloseConnection(code=4100, reason="done"))
         events = await peer.read_until_eof()
         assert isinstance(events[-1], wse.CloseConnection) and events[-1].code == 4100
@@ -318,7 +318,7 @@ async def test_tcp_lines_and_heartbeat_lines(pair: PairFactory) -> None:
         await peer.send_line(b'{"x":1}')
         assert await peer.next_line() == b'{"X":1}'
         await peer.send_line(b'{"op":"ping","id":3}')
-        assert await peer.next_line() == b'{"op":"pong","id":3}'
+        assert await peer.next_line() == b'{"id":3,"ok":true,"op":"pong"}'
         await peer.send_line(b'{"op":"pong"}')  # swallowed: heartbeat, not a message
         await peer.send_line(b'{"y":2}')
         assert await peer.next_line() == b'{"Y":2}'

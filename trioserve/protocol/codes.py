@@ -48,7 +48,7 @@ def default_reason(code: int) -> str:
         return ""
 
 
-class ErrorCode(str, enum.Enum):
+class ErrorCode(enum.StrEnum):
     """``error.code`` values in ``{"ok": false, ...}`` replies and HTTP error bodies."""
 
     BAD_REQUEST = "bad_request"

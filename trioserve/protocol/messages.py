@@ -8,6 +8,7 @@ trust and every bad message gets a named error code.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -78,11 +79,15 @@ def _check_publish(cmd: dict[str, Any], id: Any) -> None:
         raise ProtocolError(ErrorCode.BAD_REQUEST, "missing 'data'", id)
 
 
-_VALIDATORS = {
+def _no_fields(cmd: dict[str, Any], id: Any) -> None:
+    pass
+
+
+_VALIDATORS: dict[str, Callable[[dict[str, Any], Any], None]] = {
     "subscribe": _needs_topic,
     "unsubscribe": _needs_topic,
     "publish": _check_publish,
-    "ping": lambda cmd, id: None,
+    "ping": _no_fields,
 }
 KNOWN_OPS = frozenset(_VALIDATORS)
 
@@ -133,4 +138,7 @@ def encode_error(code: ErrorCode | str, message: str, id: Any = None) -> bytes:
 
 def encode_publication(topic: str, offset: int, data: Any) -> bytes:
     """The one JSON payload of a publication, shared by every subscriber."""
-    return orjson.dumps({"op": "pub", "topic": topic, "offset": offset, "data": data})
+    encoded = orjson.dumps({"op": "pub", "topic": topic, "offset": offset, "data": data})
+    # orjson's result sits in a ~4 KB allocation whatever its length; a
+    # publication may wait in the hub's inbox, so keep an exact-size copy.
+    return bytes(memoryview(encoded))

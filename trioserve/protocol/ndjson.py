@@ -18,12 +18,13 @@ __all__ = [
     "control_op",
     "frame_batch",
     "line",
-    "pong_line",
+    "pong_reply",
     "PING_LINE",
     "PONG_LINE",
 ]
 
 PING_LINE = b'{"op":"ping"}\n'
+# What a client sends back when the server pings it.
 PONG_LINE = b'{"op":"pong"}\n'
 # A heartbeat line is tiny; anything longer is an application message, and
 # checking the length first keeps the JSON parse off the path of real traffic.
@@ -49,6 +50,14 @@ class LineSplitter:
         """Bytes held that do not yet form a complete line."""
         return len(self._buf)
 
+    def _check_tail(self, tail: bytes) -> bytes:
+        # A held tail may end in the \r of a CRLF whose \n is in the next chunk;
+        # that \r is not part of the line, so it must not count against the limit.
+        size = len(tail) - 1 if tail.endswith(b"\r") else len(tail)
+        if size > self.max_length:
+            raise LineTooLong(f"line longer than {self.max_length} bytes")
+        return tail
+
     def feed(self, data: bytes) -> list[bytes]:
         """Add *data*; return the complete lines it finished, in order.
 
@@ -56,14 +65,10 @@ class LineSplitter:
         """
         buf = self._buf + data if self._buf else data
         if b"\n" not in data:
-            if len(buf) > self.max_length:
-                raise LineTooLong(f"line longer than {self.max_length} bytes")
-            self._buf = buf
+            self._buf = self._check_tail(buf)
             return []
         parts = buf.split(b"\n")
-        self._buf = parts.pop()
-        if len(self._buf) > self.max_length:
-            raise LineTooLong(f"line longer than {self.max_length} bytes")
+        self._buf = self._check_tail(parts.pop())
         lines = []
         for p in parts:
             if p.endswith(b"\r"):
@@ -82,14 +87,23 @@ def line(payload: bytes) -> bytes:
 
 def frame_batch(payloads: Sequence[bytes]) -> bytes:
     """Lines for *payloads*, joined into one buffer for one ``send()``."""
+    if not payloads:
+        return b""
     if len(payloads) == 1:
         return payloads[0] + b"\n"
     return b"\n".join(payloads) + b"\n"
 
 
-def pong_line(id: object) -> bytes:
-    """The reply to a ping line that carried an ``id``."""
-    return orjson.dumps({"op": "pong", "id": id}) + b"\n"
+def pong_reply(id: object = None) -> bytes:
+    """The server's answer to a client's ping line.
+
+    The same shape as the push protocol's reply to ``{"op":"ping"}`` on
+    WebSocket, so one client can handle both transports alike.
+    """
+    body: dict[str, object] = {} if id is None else {"id": id}
+    body["ok"] = True
+    body["op"] = "pong"
+    return orjson.dumps(body) + b"\n"
 
 
 def close_line(code: int, reason: str) -> bytes:
