@@ -1,0 +1,361 @@
+"""Fan-out benchmark: trioserve vs websockets (asyncio) vs naive trio-websocket.
+
+Runs the servers one after another under the same load client and prints a
+comparison. Run from the repository root:
+
+    .venv/bin/python benchmarks/fanout.py [--subscribers 5000] [--bursts 3] ...
+
+See benchmarks/README.md for what each number means and how it is measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import tempfile
+import time
+import traceback
+from array import array
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
+    sys.path.insert(0, str(REPO))
+
+from benchmarks import report  # noqa: E402
+from benchmarks.loadclient import Workers, raise_fd_limit  # noqa: E402
+from benchmarks.serverproc import (  # noqa: E402
+    HOST,
+    SERVERS,
+    PhaseError,
+    ServerProcess,
+    ServerSpec,
+    free_port,
+    probe_available,
+    report_exc,
+    wait_ready,
+)
+from benchmarks.wsclient import Deliveries, WsClient, open_ws, publish_burst, subscribe  # noqa: E402
+
+TOPIC = "bench"
+WARMUP_TOPIC = "warmup"  # separate topic, so `bench` offsets start at 1
+
+
+async def warm_up(port: int, size: int, subscribers: int = 50, publications: int = 10) -> None:
+    """Exercise connect, subscribe and fan-out once so the RSS baseline is warm."""
+    d = Deliveries()
+    clients: list[WsClient] = []
+    try:
+        for _ in range(subscribers):
+            client = await open_ws(HOST, port, HOST, d, 10)
+            clients.append(client)
+            await subscribe(client, WARMUP_TOPIC, 10)
+        d.arm(publications, subscribers)
+        pub = await open_ws(HOST, port, HOST, None, 10)
+        clients.append(pub)
+        _, acks = publish_burst(pub, WARMUP_TOPIC, publications, size)
+        async with asyncio.timeout(60):
+            await asyncio.gather(*acks)
+            await d.done.wait()
+    finally:
+        for client in clients:
+            client.close()
+        if clients:
+            await asyncio.wait([c.closed for c in clients], timeout=10)
+
+
+def source_ips(count: int, per_ip: int) -> list[str]:
+    """127.0.0.2, 127.0.0.3, ...: a few thousand connections per address."""
+    return [f"127.0.0.{2 + i // per_ip}" for i in range(count)]
+
+
+def split(items: list[str], parts: int) -> list[list[str]]:
+    return [items[i::parts] for i in range(parts)]
+
+
+async def connect_phase(workers: Workers, port: int, args: argparse.Namespace) -> dict[str, Any]:
+    shares = split(source_ips(args.subscribers, args.conns_per_ip), len(workers))
+    cmds = [{"op": "connect", "host": HOST, "port": port, "src_ips": share, "topic": TOPIC,
+             "concurrency": args.connect_concurrency, "timeout": args.connect_timeout,
+             "phase_timeout": args.phase_timeout} for share in shares]
+    replies = await workers.ask(cmds, args.phase_timeout + 30)
+    ok = sum(r["ok"] for r in replies)
+    start = min(r["start"] for r in replies)
+    end = max(r["end"] for r in replies)
+    errors: dict[str, int] = {}
+    for r in replies:
+        for k, v in r["errors"].items():
+            errors[k] = errors.get(k, 0) + v
+    return {"ok": ok, "failed": sum(r["failed"] for r in replies), "errors": errors,
+            "seconds": end - start, "rate": ok / (end - start) if ok and end > start else None,
+            "per_process": [r["ok"] for r in replies]}
+
+
+# -- one publish burst ----------------------------------------------------------
+
+async def gather_acks(acks: list[asyncio.Future[dict[str, Any]]], timeout: float) -> dict[str, Any]:
+    done, pending = await asyncio.wait(acks, timeout=timeout)
+    for fut in pending:
+        fut.cancel()
+    replies = [f.result() for f in done if not f.cancelled() and f.exception() is None]
+    good = [r for r in replies if r.get("ok") is True]
+    return {
+        "ok": len(good),
+        "failed": len(acks) - len(good),
+        "last_ack": time.monotonic(),
+        "offsets": sorted(r.get("offset") for r in good if isinstance(r.get("offset"), int)),
+        "subscribers": sorted({r.get("subscribers") for r in good}, key=str),
+    }
+
+
+async def run_burst(workers: Workers, server: ServerProcess, publisher: WsClient,
+                    args: argparse.Namespace) -> dict[str, Any]:
+    armed = await workers.ask([{"op": "arm", "publications": args.publications}] * len(workers), 30)
+    expected = args.publications * sum(r["armed"] for r in armed)
+    client_cpu0 = cpu_sum(r["cpu"] for r in armed)
+    # The wait replies come back as soon as each worker has its share, so the
+    # closing CPU sample is taken right after the last delivery.
+    workers.send([{"op": "wait", "timeout": args.burst_timeout, "stall": args.stall_timeout}]
+                 * len(workers))
+    cpu0 = server.cpu()
+    t_first, acks = publish_burst(publisher, TOPIC, args.publications, args.size)
+    ack_task = asyncio.create_task(gather_acks(acks, args.burst_timeout))
+    try:
+        waits = await workers.replies(args.burst_timeout + 30)
+    except BaseException:
+        ack_task.cancel()
+        raise
+    ack = await ack_task
+    cpu1 = server.cpu()
+    client_cpu1 = cpu_sum(w["cpu"] for w in waits)
+    details = await workers.ask([{"op": "collect"}] * len(workers), 60)
+
+    samples = array("d")
+    for d in details:
+        samples.frombytes(d["latencies"])
+    received = sum(w["received"] for w in waits)
+    last_recv = max(w["last_recv"] for w in waits)
+    span = last_recv - t_first if received else None
+    final_offset = ack["offsets"][-1] if ack["offsets"] else None
+    return {
+        "expected": expected,
+        "received": received,
+        "lost": expected - received,
+        "worker_status": sorted({w["status"] for w in waits}),
+        "seconds": span,
+        "deliveries_per_s": received / span if span else None,
+        **cpu_fields("server", cpu0, cpu1, received),
+        **cpu_fields("client", client_cpu0, client_cpu1, received),
+        "latency": report.latency_stats(samples),
+        "acks_ok": ack["ok"],
+        "acks_failed": ack["failed"],
+        "ack_seconds": ack["last_ack"] - t_first,
+        "ack_subscribers": ack["subscribers"],
+        "final_offset": final_offset,
+        "offsets_contiguous": ack["offsets"] == list(range(ack["offsets"][0], ack["offsets"][0]
+                                                            + len(ack["offsets"])))
+        if ack["offsets"] else False,
+        "gaps": sum(d["gaps"] for d in details),
+        "dups": sum(d["dups"] for d in details),
+        "unexpected_frames": sum(d["unexpected"] for d in details),
+        "short_conns": sum(d["short_conns"] for d in details),
+        "closed_conns": sum(d["closed"] for d in details),
+        "close_reasons": [d["close_reasons"] for d in details if d["close_reasons"]],
+        "subscriber_last_offset": [min(d["last_offset_min"] for d in details),
+                                   max(d["last_offset_max"] for d in details)],
+    }
+
+
+def cpu_sum(samples: Iterable[Sequence[float]]) -> tuple[float, ...]:
+    """Add up (total, user, system) samples of several processes."""
+    return tuple(sum(column) for column in zip(*samples, strict=True))
+
+
+def cpu_fields(who: str, before: Sequence[float], after: Sequence[float],
+               deliveries: int) -> dict[str, float | None]:
+    total, user, system = (a - b for a, b in zip(after, before, strict=True))
+    return {
+        f"{who}_cpu_s": total,
+        f"{who}_cpu_user_s": user,
+        f"{who}_cpu_sys_s": system,
+        f"{who}_cpu_us_per_delivery": total / deliveries * 1e6 if deliveries else None,
+    }
+
+
+def sys_share(b: dict[str, Any], who: str) -> str:
+    ticks = b[f"{who}_cpu_user_s"] + b[f"{who}_cpu_sys_s"]
+    return f"{b[f'{who}_cpu_sys_s'] / ticks:.0%}" if ticks > 0 else "n/a"
+
+
+def burst_line(n: int, b: dict[str, Any]) -> str:
+    lat = b["latency"]
+    return (f"    burst {n}: {b['received']:,}/{b['expected']:,} delivered "
+            f"({report.fmt(b['deliveries_per_s'])}/s), server CPU "
+            f"{report.fmt(b['server_cpu_us_per_delivery'], '.2f')} us/delivery "
+            f"({sys_share(b, 'server')} sys), client CPU "
+            f"{report.fmt(b['client_cpu_us_per_delivery'], '.2f')} us/delivery, "
+            f"p50 {report.fmt(lat['p50_ms'], '.1f')} ms, p99 {report.fmt(lat['p99_ms'], '.1f')} ms, "
+            f"gaps {b['gaps']}, dups {b['dups']}, closed {b['closed_conns']}, "
+            f"status {','.join(b['worker_status'])}")
+
+
+# -- one server, start to finish -------------------------------------------------
+
+async def bench_server(spec: ServerSpec, args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
+    result: dict[str, Any] = {"server": spec.name, "status": "ok", "bursts": []}
+    unavailable = probe_available(spec)
+    if unavailable:
+        result["status"] = f"unavailable: {unavailable}"
+        return result
+    server: ServerProcess | None = None
+    workers: Workers | None = None
+    publisher: WsClient | None = None
+    phase = "start"
+    try:
+        port = free_port()
+        result["port"] = port
+        server = ServerProcess(spec, port, log_dir / f"{spec.name}.log")
+        result["pid"] = server.popen.pid
+        workers = Workers(args.client_procs)
+        phase = "ready"
+        await wait_ready(server)
+        await workers.ask([{"op": "ping"}] * len(workers), 60)  # imports done, loops running
+        phase = "warm-up"
+        await warm_up(port, args.size)
+        publisher = await open_ws(HOST, port, HOST, None, args.connect_timeout)
+        await asyncio.sleep(args.settle)
+        result["rss_before"] = server.rss()
+        phase = "connect"
+        # Server CPU per handshake, like CPU per delivery: the load client shares
+        # the cores, so the connect rate alone may be the client's ceiling.
+        cpu0 = server.cpu()
+        connect = result["connect"] = await connect_phase(workers, port, args)
+        cpu1 = server.cpu()
+        connect["server_cpu_s"] = cpu1[0] - cpu0[0]
+        connect["server_cpu_us_per_handshake"] = (
+            connect["server_cpu_s"] / connect["ok"] * 1e6 if connect["ok"] else None)
+        errors = f" errors: {connect['errors']}" if connect["errors"] else ""
+        print(f"  connected {connect['ok']:,}/{args.subscribers:,} in {connect['seconds']:.2f}s"
+              f" ({report.fmt(connect['rate'])}/s){errors}", flush=True)
+        server.check_alive()
+        if connect["ok"] == 0:
+            raise PhaseError(f"no subscriber connected: {connect['errors']}")
+        await asyncio.sleep(args.settle)
+        result["rss_after"] = server.rss()
+        for n in range(1, args.bursts + 1):
+            phase = f"burst {n}"
+            burst = await run_burst(workers, server, publisher, args)
+            result["bursts"].append(burst)
+            print(burst_line(n, burst), flush=True)
+            server.check_alive()  # after recording: a crash's losses stay in the table
+            await asyncio.sleep(args.pause)
+        if connect["failed"]:
+            result["status"] = f"{connect['failed']} subscribers failed to connect"
+    except Exception as exc:  # one server's failure must not cost the others' results
+        result["status"] = f"failed in {phase}: {report_exc(exc)}"
+        if not isinstance(exc, PhaseError | OSError | TimeoutError):
+            traceback.print_exc()
+        if server is not None:
+            result["log_tail"] = server.log_tail()
+        print(f"  {result['status']}", flush=True)
+    finally:
+        await cleanup(server, workers, publisher)
+    if server is not None:
+        result["server_log"] = str(server.log_path)
+        result["server_exit_code"] = server.popen.returncode
+    return result
+
+
+async def cleanup(server: ServerProcess | None, workers: Workers | None,
+                  publisher: WsClient | None) -> None:
+    if publisher is not None:
+        publisher.close()
+    if workers is not None:
+        try:
+            await workers.ask([{"op": "close"}] * len(workers), 30)
+        except PhaseError:
+            pass
+        await workers.stop()
+    if server is not None:
+        await server.stop()
+
+
+# -- command line ---------------------------------------------------------------
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--subscribers", type=int, default=5000)
+    p.add_argument("--publications", type=int, default=100, help="publications per burst")
+    p.add_argument("--size", type=int, default=64, help="bytes of JSON data per publication")
+    p.add_argument("--bursts", type=int, default=3, help="bursts per server; medians reported")
+    p.add_argument("--servers", default="trioserve,websockets,trio-websocket",
+                   help=f"comma-separated subset of: {', '.join(SERVERS)}")
+    p.add_argument("--client-procs", type=int, default=2, help="load-client processes")
+    p.add_argument("--connect-concurrency", type=int, default=200,
+                   help="connections in flight per load-client process")
+    p.add_argument("--conns-per-ip", type=int, default=2000,
+                   help="subscribers per source address (127.0.0.2, .3, ...)")
+    p.add_argument("--connect-timeout", type=float, default=30, help="per connection, seconds")
+    p.add_argument("--phase-timeout", type=float, default=180, help="whole connect phase, seconds")
+    p.add_argument("--burst-timeout", type=float, default=120, help="one burst, seconds")
+    p.add_argument("--stall-timeout", type=float, default=15,
+                   help="end a burst after this long without any delivery, seconds")
+    p.add_argument("--settle", type=float, default=1.0, help="idle seconds before RSS samples")
+    p.add_argument("--pause", type=float, default=0.5, help="idle seconds between bursts")
+    p.add_argument("--json", metavar="PATH", help="write all raw numbers as JSON")
+    p.add_argument("--markdown", metavar="PATH", help="write a markdown section for BENCHMARKS.md")
+    p.add_argument("--log-dir", metavar="DIR", help="keep server logs here (default: a temp dir)")
+    args = p.parse_args(argv)
+    names = [s.strip() for s in args.servers.split(",") if s.strip()]
+    unknown = [n for n in names if n not in SERVERS]
+    if unknown or not names:
+        p.error(f"unknown server(s) {unknown}; choose from {', '.join(SERVERS)}")
+    args.server_names = names
+    if min(args.subscribers, args.publications, args.bursts, args.client_procs,
+           args.connect_concurrency, args.conns_per_ip) < 1:
+        p.error("counts must be >= 1")
+    if 2 + (args.subscribers - 1) // args.conns_per_ip > 254:
+        p.error("too many subscribers for --conns-per-ip: source addresses run past 127.0.0.255")
+    return args
+
+
+async def run(args: argparse.Namespace) -> int:
+    hard = raise_fd_limit()
+    need = args.subscribers + 200
+    if need > hard:
+        print(f"warning: the server needs ~{need} fds but the limit is {hard}", file=sys.stderr)
+    machine = report.machine_info()
+    log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="fanout-logs-"))
+    log_dir.mkdir(parents=True, exist_ok=True)
+    results = []
+    for name in args.server_names:
+        print(f"== {name}", flush=True)
+        results.append(await bench_server(SERVERS[name], args, log_dir))
+    summaries = [report.summarize(r) for r in results]
+    rats = report.ratios(summaries)
+    rows = report.table_rows(summaries, rats)
+    command = report.command_line()
+    notes = report.notes(summaries)
+    print()
+    print(report.render_text(rows))
+    for note in notes:
+        print(f"note: {note}")
+    config = {k: v for k, v in vars(args).items() if k != "server_names"}
+    if args.json:
+        report.write_json(args.json, {"command": command, "machine": machine, "config": config,
+                                      "summary": summaries, "ratios": rats, "results": results})
+    if args.markdown:
+        report.write_markdown(args.markdown, report.render_markdown(rows, notes, command, machine, config))
+    return 0 if all(r["status"] == "ok" for r in results) else 1
+
+
+def main() -> None:
+    sys.exit(asyncio.run(run(parse_args())))
+
+
+if __name__ == "__main__":
+    main()

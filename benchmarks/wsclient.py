@@ -1,0 +1,380 @@
+"""A minimal, cheap WebSocket client on a raw ``asyncio.BufferedProtocol``.
+
+The load client shares two cores with the server under test, so every
+microsecond it spends per delivery is taken from the server. Hence no
+WebSocket library here: the upgrade is written by hand, server frames are
+parsed straight out of the byte stream, and each delivery costs one
+``orjson.loads`` plus a few integer operations.
+
+Only what the benchmark needs is implemented: text frames (fragmented or
+not), ping/pong and close. Server frames may arrive several per ``recv``
+(trioserve batches writes), or split across reads; both are handled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import os
+import socket
+import time
+from array import array
+from typing import Any
+
+import orjson
+
+GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+# RFC 6455 wants an unpredictable mask per frame to protect proxies; on
+# loopback against our own servers a fixed non-zero key is fine.
+MASK = b"\x37\xfa\x21\x3d"
+IP_BIND_ADDRESS_NO_PORT = 24  # Linux; not exported by the socket module
+MAX_HEADER = 16384
+
+OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
+
+
+class ProtocolError(Exception):
+    """The server broke the WebSocket protocol or the benchmark contract."""
+
+
+def mask_payload(payload: bytes) -> bytes:
+    n = len(payload)
+    if n == 0:
+        return b""
+    key = (MASK * (n // 4 + 1))[:n]
+    return (int.from_bytes(payload, "big") ^ int.from_bytes(key, "big")).to_bytes(n, "big")
+
+
+def encode_frame(payload: bytes, opcode: int = OP_TEXT) -> bytes:
+    """One final, masked client frame."""
+    n = len(payload)
+    if n < 126:
+        header = bytes((0x80 | opcode, 0x80 | n))
+    elif n < 65536:
+        header = bytes((0x80 | opcode, 0x80 | 126)) + n.to_bytes(2, "big")
+    else:
+        header = bytes((0x80 | opcode, 0x80 | 127)) + n.to_bytes(8, "big")
+    return header + MASK + mask_payload(payload)
+
+
+class Deliveries:
+    """Per-burst delivery accounting shared by all subscribers of one process.
+
+    Kept separate from the connections so the hot path touches one object
+    and the completion check is a single counter.
+    """
+
+    __slots__ = (
+        "armed",
+        "done",
+        "expected",
+        "last_recv",
+        "lat",
+        "per_conn",
+        "received",
+        "remaining",
+    )
+
+    def __init__(self) -> None:
+        self.lat = array("d")
+        self.remaining = 0
+        self.received = 0
+        self.last_recv = 0.0
+        self.per_conn = 0
+        self.expected = 0
+        self.done = asyncio.Event()
+        self.armed = False
+
+    def arm(self, per_conn: int, open_conns: int) -> None:
+        self.lat = array("d")
+        self.per_conn = per_conn
+        self.remaining = self.expected = per_conn * open_conns
+        self.received = 0
+        self.last_recv = 0.0
+        self.done = asyncio.Event()
+        self.armed = True
+        if self.remaining <= 0:
+            self.done.set()
+
+    def written_off(self, count: int) -> None:
+        """A subscriber closed mid-burst: stop waiting for what it will never get."""
+        if self.armed and count > 0:
+            self.remaining -= count
+            if self.remaining <= 0:
+                self.done.set()
+
+
+# One receive buffer for every connection of the process: asyncio reads with
+# recv_into() and each read is fully parsed (or its tail copied) before the
+# next, so sharing is safe. Plain Protocol would allocate a 256 KiB bytes
+# object per recv(), which profiling showed to be ~40% of the client's time.
+RECV_VIEW = memoryview(bytearray(65536))
+
+
+class WsClient(asyncio.BufferedProtocol):
+    """One client connection: upgrade, request/reply by id, pub accounting."""
+
+    def __init__(self, host: str, port: int, path: str, deliveries: Deliveries | None) -> None:
+        self.host_header = f"{host}:{port}"
+        self.path = path
+        self.deliveries = deliveries
+        self.transport: asyncio.Transport | None = None
+        loop = asyncio.get_running_loop()
+        self.handshake: asyncio.Future[None] = loop.create_future()
+        self.closed: asyncio.Future[None] = loop.create_future()
+        self.pending: dict[Any, asyncio.Future[dict[str, Any]]] = {}
+        self.next_id = 1
+        self.buf = b""
+        self.upgraded = False
+        self.fragments: list[bytes] | None = None
+        self.key = base64.b64encode(os.urandom(16))
+        # Per-connection ordering checks; offsets must be exactly consecutive.
+        self.last_offset = 0
+        self.burst_count = 0
+        self.gaps = 0
+        self.dups = 0
+        self.unexpected = 0
+        self.close_reason = ""
+
+    # -- asyncio callbacks -------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        transport.write(
+            b"GET %s HTTP/1.1\r\nHost: %s\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\n\r\n"
+            % (self.path.encode(), self.host_header.encode(), self.key)
+        )
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.close_reason:
+            self.close_reason = repr(exc) if exc else "closed by peer"
+        err = ConnectionError(f"connection lost: {self.close_reason}")
+        if not self.handshake.done():
+            self.handshake.set_exception(err)
+        for fut in self.pending.values():
+            if not fut.done():
+                fut.set_exception(err)
+        self.pending.clear()
+        if self.deliveries is not None and self.deliveries.armed:
+            self.deliveries.written_off(self.deliveries.per_conn - self.burst_count)
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return RECV_VIEW
+
+    def buffer_updated(self, nbytes: int) -> None:
+        data: bytes | memoryview = RECV_VIEW[:nbytes]
+        if not self.upgraded:
+            data = self._read_upgrade(bytes(data))
+            if not data:
+                return
+        now = time.monotonic()  # one clock read per read(), shared by its frames
+        if self.buf:
+            data = self.buf + bytes(data)
+            self.buf = b""
+        pos, end = 0, len(data)
+        while end - pos >= 2:
+            b0, b1 = data[pos], data[pos + 1]
+            length, hdr = b1 & 0x7F, 2
+            if length == 126:
+                if end - pos < 4:
+                    break
+                length, hdr = int.from_bytes(data[pos + 2 : pos + 4], "big"), 4
+            elif length == 127:
+                if end - pos < 10:
+                    break
+                length, hdr = int.from_bytes(data[pos + 2 : pos + 10], "big"), 10
+            if b1 & 0x80:
+                self._fail("server frame is masked")
+                return
+            stop = pos + hdr + length
+            if stop > end:
+                break
+            payload = data[pos + hdr : stop]
+            pos = stop
+            if b0 == 0x81:  # the hot path: a whole text frame
+                self._on_text(payload, now)
+            else:
+                self._on_other_frame(b0, bytes(payload), now)
+        if pos < end:
+            # The shared receive buffer is reused by the next read: keep a copy.
+            self.buf = bytes(data[pos:])
+
+    # -- internals ---------------------------------------------------------
+
+    def _read_upgrade(self, data: bytes) -> bytes:
+        """Buffer until the end of the 101 response; return bytes after it."""
+        self.buf += data
+        head_end = self.buf.find(b"\r\n\r\n")
+        if head_end < 0:
+            if len(self.buf) > MAX_HEADER:
+                self._fail("upgrade response too long")
+            return b""
+        head, rest = self.buf[:head_end], self.buf[head_end + 4 :]
+        self.buf = b""
+        lines = head.split(b"\r\n")
+        parts = lines[0].split(b" ", 2)
+        if len(parts) < 2 or parts[1] != b"101":
+            self._fail(f"upgrade refused: {lines[0].decode(errors='replace')}")
+            return b""
+        expected = base64.b64encode(hashlib.sha1(self.key + GUID).digest())
+        headers = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(b":")
+            headers[name.strip().lower()] = value.strip()
+        if headers.get(b"sec-websocket-accept") != expected:
+            self._fail("bad Sec-WebSocket-Accept")
+            return b""
+        self.upgraded = True
+        self.handshake.set_result(None)
+        return rest
+
+    def _on_text(self, payload: bytes | memoryview, now: float) -> None:
+        try:
+            msg = orjson.loads(payload)
+            if msg.get("op") == "pub":
+                d = self.deliveries
+                off = msg["offset"]
+                last = self.last_offset
+                if off != last + 1:
+                    if off <= last:
+                        self.dups += 1  # not a delivery: it would hide a loss
+                        return
+                    self.gaps += off - last - 1
+                self.last_offset = off
+                if d is None:
+                    self.unexpected += 1
+                    return
+                self.burst_count += 1
+                d.lat.append(now - msg["data"]["t"])
+                d.received += 1
+                d.last_recv = now
+                d.remaining -= 1
+                if d.remaining == 0:
+                    d.done.set()
+                return
+            fut = self.pending.pop(msg.get("id"), None)
+            if fut is None or fut.done():
+                self.unexpected += 1
+            else:
+                fut.set_result(msg)
+        except (orjson.JSONDecodeError, AttributeError, KeyError, TypeError):
+            self.unexpected += 1
+
+    def _on_other_frame(self, b0: int, payload: bytes, now: float) -> None:
+        fin, opcode = b0 & 0x80, b0 & 0x0F
+        if opcode == OP_PING:
+            self._write(encode_frame(payload, OP_PONG))
+        elif opcode == OP_CLOSE:
+            self.close_reason = f"close frame {payload[:2].hex()} {payload[2:64]!r}"
+            self._write(encode_frame(payload[:2], OP_CLOSE))
+            if self.transport is not None:
+                self.transport.close()
+        elif opcode == OP_PONG:
+            pass
+        elif opcode == OP_TEXT:  # first fragment of a fragmented message
+            self.fragments = [payload]
+        elif opcode == OP_CONT and self.fragments is not None:
+            self.fragments.append(payload)
+            if fin:
+                whole, self.fragments = b"".join(self.fragments), None
+                self._on_text(whole, now)
+        else:
+            self._fail(f"unexpected frame opcode {opcode}")
+
+    def _write(self, frame: bytes) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(frame)
+
+    def _fail(self, reason: str) -> None:
+        self.close_reason = reason
+        if not self.handshake.done():
+            self.handshake.set_exception(ProtocolError(reason))
+        if self.transport is not None:
+            self.transport.abort()
+
+    # -- public API ----------------------------------------------------------
+
+    def send_json(self, obj: dict[str, Any]) -> None:
+        self._write(encode_frame(orjson.dumps(obj)))
+
+    def request_nowait(self, obj: dict[str, Any]) -> asyncio.Future[dict[str, Any]]:
+        """Send ``obj`` with a fresh id; the future resolves with the reply."""
+        rid = self.next_id
+        self.next_id += 1
+        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        if self.closed.done():
+            fut.set_exception(ConnectionError(f"connection lost: {self.close_reason}"))
+            return fut
+        self.pending[rid] = fut
+        self.send_json({**obj, "id": rid})
+        return fut
+
+    async def request(self, obj: dict[str, Any], timeout: float) -> dict[str, Any]:
+        async with asyncio.timeout(timeout):
+            return await self.request_nowait(obj)
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+
+async def open_ws(
+    host: str, port: int, src_ip: str | None, deliveries: Deliveries | None,
+    timeout: float, path: str = "/ws",
+) -> WsClient:
+    """Connect from ``src_ip`` and complete the upgrade within ``timeout``."""
+    loop = asyncio.get_running_loop()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    proto: WsClient | None = None
+    try:
+        if src_ip:
+            # Defer the port choice to connect() so uniqueness is per 4-tuple;
+            # otherwise bind() needs a port free on this IP for *any* peer,
+            # and TIME_WAIT sockets from earlier servers exhaust the range.
+            sock.setsockopt(socket.SOL_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+            sock.bind((src_ip, 0))
+        sock.setblocking(False)
+        async with asyncio.timeout(timeout):
+            await loop.sock_connect(sock, (host, port))
+            _, proto = await loop.create_connection(
+                lambda: WsClient(host, port, path, deliveries), sock=sock)
+            await proto.handshake
+        return proto
+    except BaseException:
+        if proto is not None and proto.transport is not None:
+            proto.transport.abort()
+        else:
+            sock.close()
+        raise
+
+
+async def subscribe(client: WsClient, topic: str, timeout: float) -> None:
+    reply = await client.request({"op": "subscribe", "topic": topic}, timeout)
+    if reply.get("ok") is not True:
+        raise ProtocolError(f"subscribe refused: {reply!r}")
+
+
+def publish_burst(
+    client: WsClient, topic: str, count: int, size: int,
+) -> tuple[float, list[asyncio.Future[dict[str, Any]]]]:
+    """Write ``count`` publish frames back to back; don't wait for replies.
+
+    Each data object carries its own send time, padded to ``size`` bytes of
+    JSON. Returns the time taken just before the first frame and the futures
+    of the replies.
+    """
+    futures = []
+    first = 0.0
+    for i in range(count):
+        t = time.monotonic()
+        if i == 0:
+            first = t
+        bare = len(orjson.dumps({"t": t, "pad": ""}))
+        data = {"t": t, "pad": "x" * max(0, size - bare)}
+        futures.append(client.request_nowait({"op": "publish", "topic": topic, "data": data}))
+    return first, futures
