@@ -11,13 +11,13 @@ from .connection import (
     ConnectionClosed,
     ConnectionState,
     ConnectionStatistics,
-    TcpConnection,
-    WebSocketConnection,
 )
 from .http import Request, Response
 from .hub import Hub, HubClosed, HubOverloaded, HubStatistics, PublishResult
 from .protocol.codes import CloseCode, ErrorCode
 from .server import Handler, Server, ServerStatistics
+from .tcp_connection import TcpConnection
+from .ws_connection import WebSocketConnection
 
 __version__ = "0.1.0"
 

@@ -17,13 +17,8 @@ from typing import ClassVar
 
 import attrs
 import trio
-import wsproto.events as wse
-from wsproto.connection import Connection as WSConnection
-from wsproto.connection import ConnectionState as WSState
-from wsproto.connection import ConnectionType
 
 from .config import Config, SlowConsumerPolicy
-from .protocol import ndjson, websocket
 from .protocol.codes import CloseCode, default_reason
 from .transport import Transport
 
@@ -33,8 +28,6 @@ __all__ = [
     "ConnectionState",
     "ConnectionStatistics",
     "Framing",
-    "TcpConnection",
-    "WebSocketConnection",
 ]
 
 log = logging.getLogger("trioserve.connection")
@@ -42,7 +35,6 @@ log = logging.getLogger("trioserve.connection")
 _MAX_IOV = 64
 # Bytes handed to one sendmsg(); more would only sit in the kernel's buffer anyway.
 _MAX_WRITE = 256 * 1024
-_PING_FRAME = b"\x89\x00"
 
 # How a close ends once our close frame (or line) is flushed:
 #: wait for the peer's close frame (WebSocket) or EOF (TCP);
@@ -541,156 +533,3 @@ class Connection:
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.remote} {self.state.value}>"
-
-
-WEBSOCKET = Framing("websocket", websocket.frame_batch)
-NDJSON = Framing("ndjson", ndjson.frame_batch)
-
-
-class WebSocketConnection(Connection):
-    """A WebSocket connection after the 101 response, parsed by wsproto."""
-
-    framing = WEBSOCKET
-    transport_name = "websocket"
-
-    __slots__ = ("_parts", "_parts_size", "_ws")
-
-    def __init__(
-        self,
-        transport: Transport,
-        config: Config,
-        nursery: trio.Nursery,
-        remote: str | None = None,
-        trailing_data: bytes = b"",
-    ):
-        super().__init__(transport, config, nursery, remote)
-        self._ws = WSConnection(ConnectionType.SERVER)
-        self._parts: list[str | bytes] | None = None
-        self._parts_size = 0
-        if trailing_data:
-            self._bytes_in += len(trailing_data)
-            self._feed(trailing_data)
-
-    def frame(self, message: str | bytes) -> bytes:
-        if isinstance(message, str):
-            return websocket.text_frame(message.encode())
-        return self._ws.send(wse.BytesMessage(data=message))
-
-    def _close_frame(self, code: int, reason: str) -> bytes:
-        if self._ws.state in (WSState.OPEN, WSState.REMOTE_CLOSING):
-            return self._ws.send(wse.CloseConnection(code=code, reason=reason))
-        return websocket.close_frame(code, reason)
-
-    def _ping_frame(self) -> bytes:
-        return _PING_FRAME
-
-    def _too_big(self, data: str | bytes) -> bool:
-        limit = self._config.max_message_size
-        size = self._parts_size + len(data)
-        # A str's UTF-8 size is between len and 4*len; encode only when in doubt.
-        if size > limit or isinstance(data, bytes) or (size + 3 * len(data)) <= limit:
-            return size > limit
-        return self._parts_size + len(data.encode()) > limit
-
-    def _feed(self, data: bytes) -> None:
-        if self._close_mode is _FAILED:
-            return
-        ws = self._ws
-        ws.receive_data(data)
-        for event in ws.events():
-            if isinstance(event, (wse.TextMessage, wse.BytesMessage)):
-                self._on_message_part(event)
-            elif isinstance(event, wse.Ping):
-                if self.state is ConnectionState.OPEN:
-                    self._write(ws.send(event.response()), 0, limited=False)
-            elif isinstance(event, wse.CloseConnection):
-                self._on_close_event(event)
-                return
-            if self._close_mode is _FAILED:
-                return
-
-    def _on_message_part(self, event: wse.TextMessage | wse.BytesMessage) -> None:
-        data = event.data if isinstance(event.data, str) else bytes(event.data)
-        if self._too_big(data):
-            self._start_close(CloseCode.MESSAGE_TOO_BIG, failed=True)
-            return
-        if event.message_finished and self._parts is None:
-            self._deliver_in(data)
-            return
-        if self._parts is None:
-            self._parts = []
-        self._parts.append(data)
-        self._parts_size += len(data)
-        if event.message_finished:
-            parts, self._parts, self._parts_size = self._parts, None, 0
-            self._deliver_in("".join(parts) if isinstance(data, str) else b"".join(parts))  # type: ignore[arg-type]
-
-    def _on_close_event(self, event: wse.CloseConnection) -> None:
-        ws_state = self._ws.state
-        if ws_state is WSState.CLOSED:
-            # The peer answered our close: RFC 6455 lets the server close TCP first.
-            self._finish()
-        elif ws_state is WSState.REMOTE_CLOSING:
-            if self.state is ConnectionState.OPEN:
-                self.state = ConnectionState.CLOSING
-                self._close_code = event.code
-                self._close_reason = event.reason
-                self._close_deadline = trio.current_time() + self._config.close_timeout
-            self._close_mode = _REPLIED
-            self._write(self._ws.send(event.response()), 0, limited=False)
-        else:
-            # wsproto reports a malformed frame as a close event while still OPEN.
-            log.debug("protocol error from %s: %s %s", self.remote, event.code, event.reason)
-            self._start_close(event.code, event.reason, failed=True)
-
-
-class TcpConnection(Connection):
-    """A raw TCP connection carrying newline-delimited JSON."""
-
-    framing = NDJSON
-    transport_name = "tcp"
-
-    __slots__ = ("_lines",)
-
-    def __init__(
-        self,
-        transport: Transport,
-        config: Config,
-        nursery: trio.Nursery,
-        remote: str | None = None,
-    ):
-        super().__init__(transport, config, nursery, remote)
-        self._lines = ndjson.LineSplitter(config.max_message_size)
-
-    def frame(self, message: str | bytes) -> bytes:
-        return (message.encode() if isinstance(message, str) else message) + b"\n"
-
-    def _close_frame(self, code: int, reason: str) -> bytes:
-        return ndjson.close_line(code, reason)
-
-    def _ping_frame(self) -> bytes:
-        return ndjson.PING_LINE
-
-    def _on_close_sent(self) -> None:
-        # TCP has no close frame to wait for: send EOF and let the reader wait for the peer's.
-        self._transport.shutdown_write()
-
-    def _feed(self, data: bytes) -> None:
-        if self._close_mode is _FAILED:
-            return
-        try:
-            lines = self._lines.feed(data)
-        except ndjson.LineTooLong:
-            self._start_close(CloseCode.MESSAGE_TOO_BIG, "line too long", failed=True)
-            return
-        for raw in lines:
-            try:
-                text = raw.decode()
-            except UnicodeDecodeError:
-                self._start_close(CloseCode.INVALID_DATA, "invalid UTF-8", failed=True)
-                return
-            control = ndjson.control_op(text)
-            if control is None:
-                self._deliver_in(text)
-            elif control[0] == "ping" and self.state is ConnectionState.OPEN:
-                self._write(ndjson.pong_reply(control[1]), 0, limited=False)

@@ -15,6 +15,8 @@ subscribers see them.
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import logging
 from collections import deque
 from typing import TYPE_CHECKING, Any
@@ -22,12 +24,13 @@ from typing import TYPE_CHECKING, Any
 import attrs
 import trio
 
+from .history import History, Recovery
 from .protocol.messages import encode_publication
 
 if TYPE_CHECKING:
     from .connection import Connection, Framing
 
-__all__ = ["Hub", "HubClosed", "HubOverloaded", "HubStatistics", "PublishResult"]
+__all__ = ["Hub", "HubClosed", "HubOverloaded", "HubStatistics", "PublishResult", "Recovery"]
 
 log = logging.getLogger("trioserve.hub")
 
@@ -35,6 +38,11 @@ log = logging.getLogger("trioserve.hub")
 MAX_BATCH = 1024
 #: Bytes of one topic's joined buffer; a larger batch is sent in several.
 MAX_BATCH_BYTES = 256 * 1024
+DEFAULT_HISTORY_SIZE = 100
+DEFAULT_HISTORY_TTL = 300.0
+#: Upper bounds (seconds) of the fan-out latency histogram.
+LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
+                   0.1, 0.25, 0.5, 1.0, 2.5)
 
 
 class HubClosed(Exception):
@@ -61,6 +69,10 @@ class HubStatistics:
     deliveries: int
     batches: int
     closed: bool
+    #: Seconds from publish to handed to every subscriber's socket: cumulative
+    #: counts per upper bound in LATENCY_BUCKETS (the last is +Inf), sum, count.
+    fanout_latency_buckets: tuple[int, ...]
+    fanout_latency_sum: float
 
 
 class Hub:
@@ -69,15 +81,16 @@ class Hub:
     ``await nursery.start(hub.run)`` starts the fan-out task.
     """
 
-    def __init__(self, max_pending: int = 100_000):
+    def __init__(self, max_pending: int = 100_000, history: History | None = None):
         self.max_pending = max_pending
+        self.history = history or History(lambda topic: (DEFAULT_HISTORY_SIZE, DEFAULT_HISTORY_TTL))
         self._topics: dict[str, dict[Framing, set[Connection]]] = {}
         # Kept on the hub side so an idle, unsubscribed connection carries nothing.
         # Most connections have one topic: that is stored as the str itself,
         # since an empty set alone costs 216 bytes per connection.
         self._by_conn: dict[Connection, str | set[str]] = {}
         self._offsets: dict[str, int] = {}
-        self._inbox: deque[tuple[str, bytes]] = deque()
+        self._inbox: deque[tuple[str, int, bytes, float]] = deque()
         self._wake = trio.lowlevel.ParkingLot()
         self._space = trio.lowlevel.ParkingLot()
         self._idle = trio.lowlevel.ParkingLot()
@@ -87,6 +100,9 @@ class Hub:
         self._deliveries = 0
         self._batches = 0
         self._subscriptions = 0
+        # Plain ints, not a prometheus Histogram: no lock on the fan-out path.
+        self._latency_counts = [0] * (len(LATENCY_BUCKETS) + 1)
+        self._latency_sum = 0.0
 
     # --- subscriptions -----------------------------------------------------------
 
@@ -143,6 +159,38 @@ class Hub:
         """The offset of the last publication to *topic* (0 if none)."""
         return self._offsets.get(topic, 0)
 
+    def position(self, topic: str) -> int:
+        """The offset of the last publication to *topic* already fanned out.
+
+        A subscriber added now receives every publication after this one live.
+        """
+        return self.history.position(topic)
+
+    @property
+    def epoch(self) -> str:
+        return self.history.epoch
+
+    def recover(self, topic: str, epoch: str, offset: int, limit: int | None = None) -> Recovery:
+        """What a subscriber that last saw ``(epoch, offset)`` of *topic* missed.
+
+        Call it and :meth:`subscribe` with no checkpoint in between, and the
+        subscriber sees every publication exactly once.
+        """
+        return self.history.since(topic, epoch, offset, trio.current_time(), limit)
+
+    def subscribers(self, topic: str) -> list[Connection]:
+        """The connections subscribed to *topic*, on every transport."""
+        return [conn for subs in self._topics.get(topic, {}).values() for conn in subs]
+
+    def send_event(self, topic: str, payload: bytes, exclude: Connection | None = None) -> None:
+        """Send a JSON *payload* that is not a publication (no offset, no history),
+        such as a presence event, to the subscribers of *topic* now."""
+        for framing, subs in self._topics.get(topic, {}).items():
+            data = framing.frame_batch((payload,))
+            for conn in subs:
+                if conn is not exclude:
+                    conn.send_prepared(data)
+
     def subscriber_count(self, topic: str) -> int:
         return sum(len(s) for s in self._topics.get(topic, {}).values())
 
@@ -161,7 +209,7 @@ class Hub:
         offset = self._offsets.get(topic, 0) + 1
         payload = encode_publication(topic, offset, data)
         self._offsets[topic] = offset
-        self._inbox.append((topic, payload))
+        self._inbox.append((topic, offset, payload, trio.current_time()))
         self._publications += 1
         if self._wake:
             self._wake.unpark_all()
@@ -219,8 +267,13 @@ class Hub:
     def _fan_out_batch(self) -> None:
         inbox = self._inbox
         groups: dict[str, list[bytes]] = {}
+        times = []
+        history = self.history
+        now = trio.current_time()
         for _ in range(min(len(inbox), MAX_BATCH)):
-            topic, payload = inbox.popleft()
+            topic, offset, payload, published_at = inbox.popleft()
+            times.append(published_at)
+            history.append(topic, offset, payload, now)
             group = groups.get(topic)
             if group is None:
                 groups[topic] = [payload]
@@ -232,6 +285,12 @@ class Hub:
             if by_framing:
                 for chunk in _chunks(payloads):
                     self._deliver(by_framing, chunk)
+        now = trio.current_time()  # after the sends: that is the latency
+        counts = self._latency_counts
+        for published_at in times:
+            latency = now - published_at
+            counts[bisect.bisect_left(LATENCY_BUCKETS, latency)] += 1
+            self._latency_sum += latency
 
     def _deliver(self, by_framing: dict[Framing, set[Connection]], payloads: list[bytes]) -> None:
         count = len(payloads)
@@ -251,6 +310,8 @@ class Hub:
             deliveries=self._deliveries,
             batches=self._batches,
             closed=self._closed,
+            fanout_latency_buckets=tuple(itertools.accumulate(self._latency_counts)),
+            fanout_latency_sum=self._latency_sum,
         )
 
 

@@ -23,22 +23,20 @@ import trio
 
 from . import http, listeners
 from .config import Config
-from .connection import (
-    Connection,
-    ConnectionClosed,
-    ConnectionState,
-    TcpConnection,
-    WebSocketConnection,
-)
+from .connection import Connection, ConnectionClosed, ConnectionState
 from .hub import Hub, HubStatistics
 from .protocol import ndjson
 from .protocol.codes import CloseCode, ErrorCode
 from .push import push_handler
+from .tcp_connection import TcpConnection
 from .transport import SocketTransport
+from .ws_connection import WebSocketConnection
 
 __all__ = ["Handler", "Server", "ServerStatistics"]
 
 log = logging.getLogger("trioserve.server")
+
+_NORMAL_CLOSES = frozenset({CloseCode.NORMAL, CloseCode.GOING_AWAY})
 
 Handler = Callable[[Connection], Awaitable[None]]
 
@@ -49,7 +47,14 @@ class ServerStatistics:
     websocket_connections: int
     tcp_connections: int
     max_connections: int
+    #: Connections refused: over max_connections, over the fd budget, or draining.
     rejected_connections: int
+    #: Connections accepted since start, by transport ("websocket", "tcp").
+    connects_total: dict[str, int]
+    #: Closed connections since start, by close code (4008: slow consumer, 4002: heartbeat...).
+    disconnects_total: dict[int, int]
+    #: Refused upgrades and closes for a missing, invalid or expired token.
+    auth_failures: int
     draining: bool
     hub: HubStatistics
 
@@ -105,6 +110,9 @@ class Server:
         self._sockets = 0
         self._fd_budget = 0
         self._rejected = 0
+        self._connects: dict[str, int] = {}
+        self._disconnects: dict[int, int] = {}
+        self._auth_failures = 0
         self._draining = False
         self._http_closed = False
         self._conn_gone = trio.lowlevel.ParkingLot()
@@ -135,6 +143,9 @@ class Server:
             tcp_connections=len(self._connections) - ws,
             max_connections=self.max_connections,
             rejected_connections=self._rejected,
+            connects_total=dict(self._connects),
+            disconnects_total=dict(self._disconnects),
+            auth_failures=self._auth_failures,
             draining=self._draining,
             hub=self.hub.statistics(),
         )
@@ -321,7 +332,9 @@ class Server:
 
     async def _run_connection(self, conn: Connection, handler: Handler) -> None:
         self._connections.add(conn)
-        log.debug("connect %s (%s)", conn.remote, conn.transport_name)
+        name = conn.transport_name
+        self._connects[name] = self._connects.get(name, 0) + 1
+        log.debug("connect %s (%s)", conn.remote, name)
         if self._draining:
             conn.start_close(CloseCode.GOING_AWAY)
         try:
@@ -345,7 +358,17 @@ class Server:
                 self._drained += 1
             with trio.CancelScope(shield=True):
                 await conn.transport.aclose()
-            log.debug("disconnect %s: %s %s", conn.remote, conn.close_code, conn.close_reason or "")
+            self._log_disconnect(conn)
+
+    def _log_disconnect(self, conn: Connection) -> None:
+        code = conn.close_code or CloseCode.ABNORMAL
+        self._disconnects[code] = self._disconnects.get(code, 0) + 1
+        if code == CloseCode.UNAUTHORIZED:
+            self._auth_failures += 1
+        # Normal ends are routine at scale; everything else is worth seeing at info.
+        level = logging.DEBUG if code in _NORMAL_CLOSES else logging.INFO
+        log.log(level, "disconnect %s (%s): %d %s", conn.remote, conn.transport_name, code,
+                conn.close_reason or "")
 
     async def _watch_signals(self, root: trio.Nursery) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
