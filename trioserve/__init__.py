@@ -5,7 +5,8 @@ The public API is what this module exports; everything else is internal.
 
 from __future__ import annotations
 
-from .config import Config, ConfigError, SlowConsumerPolicy
+from .auth import Authenticator, AuthError, Claims
+from .config import Config, ConfigError, HistoryRule, SlowConsumerPolicy, load_config
 from .connection import (
     Connection,
     ConnectionClosed,
@@ -13,7 +14,7 @@ from .connection import (
     ConnectionStatistics,
 )
 from .http import Request, Response
-from .hub import Hub, HubClosed, HubOverloaded, HubStatistics, PublishResult
+from .hub import Hub, HubClosed, HubOverloaded, HubStatistics, PublishResult, Recovery
 from .protocol.codes import CloseCode, ErrorCode
 from .server import Handler, Server, ServerStatistics
 from .tcp_connection import TcpConnection
@@ -22,6 +23,9 @@ from .ws_connection import WebSocketConnection
 __version__ = "0.1.0"
 
 __all__ = [
+    "AuthError",
+    "Authenticator",
+    "Claims",
     "CloseCode",
     "Config",
     "ConfigError",
@@ -34,8 +38,10 @@ __all__ = [
     "Hub",
     "HubClosed",
     "HubOverloaded",
+    "HistoryRule",
     "HubStatistics",
     "PublishResult",
+    "Recovery",
     "Request",
     "Response",
     "Server",
@@ -44,4 +50,5 @@ __all__ = [
     "TcpConnection",
     "WebSocketConnection",
     "__version__",
+    "load_config",
 ]

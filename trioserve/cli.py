@@ -1,26 +1,145 @@
-"""Command line: parse options, build a Config, run the server. Nothing more."""
+"""Command line: load the config (file < environment < flags) and run the server; write a
+config file; sign client tokens. Nothing more."""
 
 from __future__ import annotations
 
+import datetime
+import ipaddress
+import json
 import logging
+import math
+import os
+import secrets
 import sys
-from collections.abc import Callable
+import time
+import warnings
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import click
 import trio
+from click.core import ParameterSource
 
 from . import __version__
-from .config import Config, ConfigError, SlowConsumerPolicy
+from .config import (
+    HMAC_ALGORITHMS,
+    LOG_FORMATS,
+    LOG_LEVELS,
+    Config,
+    ConfigError,
+    SlowConsumerPolicy,
+    check_topic_pattern,
+    load_config,
+)
+from .configfile import CONFIG_ENV, ENV_PREFIX, render_config
 from .server import Server
 
+log = logging.getLogger("trioserve.cli")
+
 _DEFAULTS = Config()
+_TEXT_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+# RFC 7518 3.2: an HMAC key at least as long as the hash output.
+_HMAC_MIN_BYTES = {"HS256": 32, "HS384": 48, "HS512": 64}
+
+Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
 
 
-def _option(name: str, **kwargs: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """A ``serve`` option that can also be set as ``TRIOSERVE_<NAME>``."""
-    env = "TRIOSERVE_" + name.split("/")[0].lstrip("-").replace("-", "_").upper()
-    return click.option(name, envvar=env, show_envvar=True, show_default=True, **kwargs)
+class ConfigProblem(click.ClickException):
+    """A configuration error: one line on stderr, exit status 2 like click's usage errors."""
+
+    exit_code = 2
+
+
+class _ConfigOption(click.Option):
+    """Shows its ``TRIOSERVE_*`` variable in --help but leaves reading it to load_config,
+    so the environment has one parser and its place between the file and the flags."""
+
+    def value_from_envvar(self, ctx: click.Context) -> Any:
+        return None
+
+
+def _option(*decls: str, field: str | None = None, **kwargs: Any) -> Decorator:
+    """A ``serve`` flag for the Config field *field* (by default named after the flag)."""
+    name = field or decls[0].split("/")[0].lstrip("-").replace("-", "_")
+    kwargs.setdefault("show_default", True)
+    return click.option(*decls, name, cls=_ConfigOption, envvar=ENV_PREFIX + name.upper(),
+                        show_envvar=True, **kwargs)
+
+
+_config_file_option = click.option(
+    "--config", "config_path", cls=_ConfigOption, envvar=CONFIG_ENV, show_envvar=True,
+    type=click.Path(dir_okay=False), default=None,
+    help="TOML config file (docs/configuration.md); environment variables and flags override it.",
+)
+
+
+def _load(config_path: str | None, overrides: Mapping[str, Any]) -> Config:
+    try:
+        return load_config(config_path, os.environ, overrides)
+    except ConfigError as exc:
+        raise ConfigProblem(str(exc)) from None
+
+
+def _duration(ctx: click.Context, param: click.Parameter, value: str) -> float:
+    """``90s``, ``15m``, ``1h``, ``2d`` or plain seconds, as seconds."""
+    text = value.strip().lower()
+    unit = _SECONDS.get(text[-1:])
+    try:
+        seconds = float(text[:-1] if unit else text) * (unit or 1)
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise click.BadParameter(f"{value!r} is not a duration; use e.g. 90s, 15m, 1h, 2d or seconds")
+    return seconds
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line (``ts``, ``level``, ``logger``, ``msg``, and ``exc`` with a
+    traceback), so log shippers need no parsing rules."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "ts": datetime.datetime.fromtimestamp(record.created, datetime.UTC)
+            .isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            "level": record.levelname,
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        elif record.exc_text:
+            entry["exc"] = record.exc_text
+        if record.stack_info:
+            entry["stack"] = self.formatStack(record.stack_info)
+        return json.dumps(entry, ensure_ascii=False, default=str)
+
+
+def _setup_logging(config: Config) -> None:
+    handler = logging.StreamHandler()
+    handler.setFormatter(JsonFormatter() if config.log_format == "json" else logging.Formatter(_TEXT_FORMAT))
+    logging.basicConfig(level=config.log_level.upper(), handlers=[handler])
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _warn_about(config: Config) -> None:
+    if config.anonymous_allowed and not _is_loopback(config.host):
+        fix = ("set anonymous = false to require a token" if config.auth_enabled
+               else "set token_secret or token_public_key to require one (docs/configuration.md)")
+        log.warning("clients can connect without a token and host %s is not loopback, so anyone "
+                    "who reaches the port can subscribe; %s", config.host, fix)
+    secret = config.token_secret
+    if secret is not None and len(secret.encode()) < 32:
+        log.warning("token_secret is only %d bytes; use at least 32 random bytes "
+                    "(trioserve genconfig makes one)", len(secret.encode()))
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -30,6 +149,7 @@ def main() -> None:
 
 
 @main.command()
+@_config_file_option
 @_option("--host", default=_DEFAULTS.host,
          help="Address to listen on. The default is loopback only; use 0.0.0.0 or :: to expose it.")
 @_option("--port", type=click.IntRange(0, 65535), default=_DEFAULTS.port,
@@ -62,21 +182,42 @@ def main() -> None:
          default=_DEFAULTS.slow_consumer_policy.value,
          help="What to do when a client's queue is over its limit: close it with 4008, "
               "or drop its oldest queued frames.")
-@_option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
+@_option("--token-secret", default=None, metavar="SECRET",
+         help="Shared secret for HS256 client tokens. Prefer the config file or the environment "
+              "variable: other users can see command lines.  [default: none]")
+@_option("--token-public-key-file", type=click.Path(dir_okay=False), default=None,
+         help="PEM public key for RS256/ES256 client tokens.  [default: none]")
+@_option("--anonymous/--no-anonymous", default=None, show_default="only when no token key is set",
+         help="Let clients connect without a token.")
+@_option("--allowed-origin", field="allowed_origins", multiple=True, metavar="ORIGIN",
+         show_default="any origin",
+         help="An Origin browsers may connect from, e.g. https://example.com; repeat for more, "
+              "'*' for any. The variable takes a comma-separated list.")
+@_option("--history-size", type=click.IntRange(0), default=_DEFAULTS.history_size,
+         help="Publications kept per topic for late subscribers; 0 keeps none.")
+@_option("--history-ttl", type=click.FloatRange(min=0, min_open=True), default=_DEFAULTS.history_ttl,
+         help="Seconds a kept publication stays available.")
+@_option("--log-level", type=click.Choice(LOG_LEVELS), default=_DEFAULTS.log_level,
          help="Logging verbosity.")
-def serve(log_level: str, **options: Any) -> None:
+@_option("--log-format", type=click.Choice(LOG_FORMATS), default=_DEFAULTS.log_format,
+         help="text, or json: one JSON object per line (ts, level, logger, msg, exc).")
+@click.pass_context
+def serve(ctx: click.Context, /, config_path: str | None, **options: Any) -> None:
     """Run the push server.
 
     With no options it listens on http://127.0.0.1:8000 with an in-memory hub:
     clients connect to ws://127.0.0.1:8000/ws and subscribe, publishers POST to
     /api/publish. SIGTERM or Ctrl-C drains gracefully; a second one exits at once.
+
+    Settings come from the --config file, then TRIOSERVE_* variables, then
+    these flags; a later source wins. docs/configuration.md lists them all.
     """
-    logging.basicConfig(level=log_level.upper(),
-                        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
-    try:
-        config = Config(**options)
-    except ConfigError as exc:
-        raise click.UsageError(str(exc)) from None
+    # Only what the user typed: a flag's default must not mask the file or the environment.
+    overrides = {name: value for name, value in options.items()
+                 if ctx.get_parameter_source(name) is ParameterSource.COMMANDLINE}
+    config = _load(config_path, overrides)
+    _setup_logging(config)
+    _warn_about(config)
     server = Server(config, handle_signals=True)
     try:
         trio.run(server.serve)
@@ -84,6 +225,102 @@ def serve(log_level: str, **options: Any) -> None:
         raise click.ClickException(str(exc)) from None
     if server.forced_exit is not None:
         sys.exit(128 + server.forced_exit)
+
+
+@main.command()
+@click.argument("path", required=False, type=click.Path(dir_okay=False, allow_dash=True))
+@click.option("--force", is_flag=True, help="Overwrite PATH if it exists.")
+def genconfig(path: str | None, force: bool) -> None:
+    """Write a commented config file with every option at its default.
+
+    It gets a fresh random token_secret and api_key, so clients need a token
+    (see `trioserve token`) and publishing over HTTP needs the key. PATH
+    defaults to stdout; an existing file is kept unless --force is given. The
+    file is created readable by its owner only.
+    """
+    text = render_config(token_secret=secrets.token_urlsafe(32), api_key=secrets.token_urlsafe(32))
+    if path is None or path == "-":
+        click.echo(text, nl=False)
+        return
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if force else os.O_EXCL)
+    try:
+        fd = os.open(path, flags, 0o600)
+    except FileExistsError:
+        raise ConfigProblem(f"{path} exists; pass --force to overwrite it") from None
+    except OSError as exc:
+        raise click.ClickException(f"cannot write {path}: {exc.strerror}") from None
+    # O_TRUNC keeps an existing file's mode, which may let others read the secrets.
+    os.fchmod(fd, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+    click.echo(f"wrote {path}", err=True)
+
+
+@main.command()
+@_config_file_option
+@click.option("--sub", required=True, help="Subject: the user or client the token is for.")
+@click.option("--subscribe", multiple=True, metavar="PATTERN",
+              help="Topic or glob the holder may subscribe to, e.g. 'chat.*'; repeat for more.")
+@click.option("--publish", multiple=True, metavar="PATTERN",
+              help="Topic or glob the holder may publish to; repeat for more.")
+@click.option("--presence", is_flag=True, help="Add the claim presence: true.")
+@click.option("--ttl", default="1h", show_default=True, callback=_duration, metavar="DURATION",
+              help="Lifetime: 90s, 15m, 1h, 2d, or plain seconds.")
+def token(config_path: str | None, sub: str, subscribe: tuple[str, ...], publish: tuple[str, ...],
+          presence: bool, ttl: float) -> None:
+    """Print a client token (JWT) signed with the config's token_secret.
+
+    The secret comes from --config, TRIOSERVE_CONFIG or TRIOSERVE_TOKEN_SECRET.
+    aud and iss are added when token_audience / token_issuer are configured.
+    """
+    config = _load(config_path, {})
+    if not sub:
+        raise ConfigProblem("--sub is empty; give the id of the user or client the token is for")
+    try:
+        for flag, patterns in (("--subscribe", subscribe), ("--publish", publish)):
+            for pattern in patterns:
+                check_topic_pattern(pattern, flag)
+    except ConfigError as exc:
+        raise ConfigProblem(str(exc)) from None
+    algorithm = _signing_algorithm(config)
+    now = int(time.time())
+    claims: dict[str, Any] = {"sub": sub, "iat": now, "exp": now + math.ceil(ttl)}
+    if subscribe:
+        claims["subscribe"] = list(subscribe)
+    if publish:
+        claims["publish"] = list(publish)
+    if presence:
+        claims["presence"] = True
+    if config.token_audience is not None:
+        claims["aud"] = config.token_audience
+    if config.token_issuer is not None:
+        claims["iss"] = config.token_issuer
+    # PyJWT loads the cryptography backend on import; only this command needs it.
+    import jwt
+
+    assert config.token_secret is not None
+    secret = config.token_secret
+    if len(secret.encode()) < _HMAC_MIN_BYTES[algorithm]:
+        click.echo(f"warning: token_secret is {len(secret.encode())} bytes; {algorithm} wants at least "
+                   f"{_HMAC_MIN_BYTES[algorithm]} (trioserve genconfig makes one)", err=True)
+    with warnings.catch_warnings():
+        # Said once above, in one line.
+        warnings.simplefilter("ignore", jwt.InsecureKeyLengthWarning)
+        click.echo(jwt.encode(claims, secret, algorithm=algorithm))
+
+
+def _signing_algorithm(config: Config) -> str:
+    if config.token_secret is None:
+        if config.token_public_key is not None:
+            raise ConfigProblem("the config has only token_public_key, which can verify tokens but not "
+                                "sign them; sign RS/ES tokens with the private key where they are issued")
+        raise ConfigProblem("no token_secret to sign with: set it in the config file (--config, "
+                            f"trioserve genconfig) or in {ENV_PREFIX}TOKEN_SECRET")
+    for algorithm in config.effective_token_algorithms:
+        if algorithm in HMAC_ALGORITHMS:
+            return algorithm
+    raise ConfigProblem(f"token_algorithms ({', '.join(config.effective_token_algorithms)}) has no HS "
+                        "algorithm, so the server would refuse a token signed with token_secret")
 
 
 if __name__ == "__main__":

@@ -1,13 +1,46 @@
-"""Server configuration: every default in one place, validated on construction."""
+"""Server configuration: every default in one place, validated on construction.
+
+Reading a TOML file, the environment and command-line overrides is in
+:mod:`trioserve.configfile`; :func:`load_config` here is its entry point.
+"""
 
 from __future__ import annotations
 
 import enum
+import math
+import os
+import re
+from collections.abc import Callable, Mapping
+from fnmatch import fnmatchcase
 from typing import Any
+from urllib.parse import urlsplit
 
 import attrs
 
-__all__ = ["Config", "ConfigError", "SlowConsumerPolicy"]
+__all__ = [
+    "HMAC_ALGORITHMS",
+    "LOG_FORMATS",
+    "LOG_LEVELS",
+    "PUBLIC_KEY_ALGORITHMS",
+    "Config",
+    "ConfigError",
+    "HistoryRule",
+    "SlowConsumerPolicy",
+    "check_topic_pattern",
+    "load_config",
+]
+
+#: Signed with ``token_secret``.
+HMAC_ALGORITHMS = ("HS256", "HS384", "HS512")
+#: Verified with ``token_public_key``.
+PUBLIC_KEY_ALGORITHMS = ("RS256", "RS384", "RS512", "ES256", "ES384", "PS256")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("text", "json")
+
+# Topic names (docs/protocol.md) plus the glob characters fnmatch understands.
+_TOPIC_PATTERN = re.compile(r"[A-Za-z0-9_.:/\-*?\[\]!]{1,200}")
+_SCHEME = re.compile(r"[a-z][a-z0-9+.\-]*")
+_DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
 class ConfigError(ValueError):
@@ -19,9 +52,33 @@ class SlowConsumerPolicy(enum.StrEnum):
     DROP_OLDEST = "drop-oldest"
 
 
+def check_topic_pattern(pattern: object, what: str) -> None:
+    """Raise :class:`ConfigError` unless *pattern* is a topic name or glob (``chat.*``)."""
+    if not isinstance(pattern, str) or not _TOPIC_PATTERN.fullmatch(pattern):
+        raise ConfigError(
+            f"{what} {pattern!r} is not a topic pattern: use 1-200 characters of "
+            "A-Z a-z 0-9 _ . : / - and the globs * ? [...]"
+        )
+
+
+def _is_number(value: object) -> bool:
+    # bool is an int subclass, and True seconds is a typo, not a duration.
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _positive(inst: object, attr: attrs.Attribute[Any], value: Any) -> None:
     if value is not None and not (isinstance(value, (int, float)) and value > 0):
         raise ConfigError(f"{attr.name} must be a positive number, got {value!r}")
+
+
+def _not_negative(inst: object, attr: attrs.Attribute[Any], value: Any) -> None:
+    if not (_is_number(value) and value >= 0):
+        raise ConfigError(f"{attr.name} must be a number >= 0, got {value!r}")
+
+
+def _count(inst: object, attr: attrs.Attribute[Any], value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ConfigError(f"{attr.name} must be an integer >= 0, got {value!r}")
 
 
 def _port(inst: object, attr: attrs.Attribute[Any], value: Any) -> None:
@@ -29,6 +86,129 @@ def _port(inst: object, attr: attrs.Attribute[Any], value: Any) -> None:
         return
     if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 65535:
         raise ConfigError(f"{attr.name} must be a port number 0-65535, got {value!r}")
+
+
+def _optional_text(inst: object, attr: attrs.Attribute[Any], value: Any) -> None:
+    if value is None:
+        return
+    if not isinstance(value, str):
+        raise ConfigError(f"{attr.name} must be a string, got {value!r}")
+    if not value:
+        raise ConfigError(f"{attr.name} is empty; leave it unset instead")
+
+
+def _optional_bool(inst: object, attr: attrs.Attribute[Any], value: Any) -> None:
+    if value is not None and not isinstance(value, bool):
+        raise ConfigError(f"{attr.name} must be true, false or unset, got {value!r}")
+
+
+def _as_tuple(value: Any) -> Any:
+    # Lists come from TOML and from callers; anything else is left for the
+    # validator to reject by name (a bare string would become its characters).
+    return tuple(value) if isinstance(value, list) else value
+
+
+def _strings(inst: object, attr: attrs.Attribute[Any], value: Any) -> None:
+    if not isinstance(value, tuple) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"{attr.name} must be a list of strings, got {value!r}")
+
+
+def _optional_strings(inst: object, attr: attrs.Attribute[Any], value: Any) -> None:
+    if value is not None:
+        _strings(inst, attr, value)
+
+
+def _lower(value: Any) -> Any:
+    return value.lower() if isinstance(value, str) else value
+
+
+def _one_of(choices: tuple[str, ...]) -> Callable[[object, attrs.Attribute[Any], Any], None]:
+    def check(inst: object, attr: attrs.Attribute[Any], value: Any) -> None:
+        if value not in choices:
+            raise ConfigError(f"{attr.name} must be one of {', '.join(choices)}; got {value!r}")
+
+    return check
+
+
+def _policy(value: Any) -> Any:
+    try:
+        return SlowConsumerPolicy(value)
+    except ValueError:
+        choices = ", ".join(p.value for p in SlowConsumerPolicy)
+        raise ConfigError(f"slow_consumer_policy must be one of {choices}; got {value!r}") from None
+
+
+def _origins(value: Any) -> Any:
+    # Browsers send Origin in lower case, so a capitalised entry could never match.
+    value = _as_tuple(value)
+    if isinstance(value, tuple):
+        return tuple(v.lower() if isinstance(v, str) else v for v in value)
+    return value
+
+
+def _check_origin(origin: str) -> None:
+    if origin == "*":
+        return
+    what = f"allowed_origins entry {origin!r}"
+    if "*" in origin:
+        raise ConfigError(f"{what}: wildcards inside an origin are not supported; "
+                          "list each origin, or use '*' alone for any")
+    parts = urlsplit(origin)
+    if not _SCHEME.fullmatch(parts.scheme) or not parts.hostname:
+        raise ConfigError(f"{what} must be scheme://host[:port], e.g. https://example.com")
+    if parts.path or parts.query or parts.fragment or "@" in parts.netloc:
+        raise ConfigError(f"{what}: an origin is only scheme://host[:port]; drop the path, "
+                          "query or user part (and any trailing '/')")
+    try:
+        port = parts.port
+    except ValueError:
+        raise ConfigError(f"{what} has an invalid port") from None
+    if port is not None and port == _DEFAULT_PORTS.get(parts.scheme):
+        raise ConfigError(f"{what}: drop the default port :{port}; browsers leave it out of Origin")
+
+
+@attrs.frozen
+class HistoryRule:
+    """History for topics matching *pattern* (fnmatch glob, e.g. ``chat.*``): keep the
+    last *size* publications (0: none), each for at most *ttl* seconds."""
+
+    pattern: str
+    size: int
+    ttl: float
+
+    def __attrs_post_init__(self) -> None:
+        check_topic_pattern(self.pattern, "history rule pattern")
+        if not isinstance(self.size, int) or isinstance(self.size, bool) or self.size < 0:
+            raise ConfigError(f"history rule {self.pattern!r}: size must be an integer >= 0, "
+                              f"got {self.size!r}")
+        if not (_is_number(self.ttl) and self.ttl > 0):
+            raise ConfigError(f"history rule {self.pattern!r}: ttl must be a number of seconds > 0, "
+                              f"got {self.ttl!r}")
+
+
+def _history_rule(value: Any) -> Any:
+    if not isinstance(value, Mapping):
+        return value
+    try:
+        return HistoryRule(**value)
+    except TypeError:
+        raise ConfigError(f"history rule {dict(value)!r} must have exactly pattern, size and ttl") from None
+
+
+def _history_rules(value: Any) -> Any:
+    value = _as_tuple(value)
+    return tuple(_history_rule(v) for v in value) if isinstance(value, tuple) else value
+
+
+def _check_history_rules(inst: object, attr: attrs.Attribute[Any], value: Any) -> None:
+    if not isinstance(value, tuple) or not all(isinstance(r, HistoryRule) for r in value):
+        raise ConfigError(f"history_rules must be a list of HistoryRule, got {value!r}")
+
+
+def _check_patterns(inst: object, attr: attrs.Attribute[Any], value: Any) -> None:
+    _strings(inst, attr, value)
+    for pattern in value:
+        check_topic_pattern(pattern, f"{attr.name} entry")
 
 
 @attrs.frozen(kw_only=True)
@@ -69,7 +249,7 @@ class Config:
     #: Outbound queue limit per connection, frames.
     queue_max_frames: int = attrs.field(default=1000, validator=_positive)
     slow_consumer_policy: SlowConsumerPolicy = attrs.field(
-        default=SlowConsumerPolicy.DISCONNECT, converter=SlowConsumerPolicy
+        default=SlowConsumerPolicy.DISCONNECT, converter=_policy
     )
     #: Publications waiting for fan-out before publishers are pushed back.
     hub_max_pending: int = attrs.field(default=100_000, validator=_positive)
@@ -78,10 +258,170 @@ class Config:
     #: Set SO_REUSEPORT on listening sockets (for several processes on one port).
     reuse_port: bool = False
 
+    # --- auth ---------------------------------------------------------------------------
+    #: Shared secret for HS256/384/512 client tokens.
+    token_secret: str | None = attrs.field(default=None, validator=_optional_text)
+    #: PEM public key for RS/ES/PS client tokens (the issuer keeps the private key).
+    token_public_key: str | None = attrs.field(default=None, validator=_optional_text)
+    #: Accepted JWT algorithms; None: see :attr:`effective_token_algorithms`.
+    token_algorithms: tuple[str, ...] | None = attrs.field(
+        default=None, converter=_as_tuple, validator=_optional_strings
+    )
+    #: Required ``aud`` claim.
+    token_audience: str | None = attrs.field(default=None, validator=_optional_text)
+    #: Required ``iss`` claim.
+    token_issuer: str | None = attrs.field(default=None, validator=_optional_text)
+    #: Clients without a token; None: see :attr:`anonymous_allowed`.
+    anonymous: bool | None = attrs.field(default=None, validator=_optional_bool)
+    #: Seconds a connection may outlive its token's ``exp`` while it sends a fresh one.
+    refresh_grace: float = attrs.field(default=30.0, validator=_not_negative)
+    #: Origins a browser may connect from; empty accepts any Origin.
+    allowed_origins: tuple[str, ...] = attrs.field(default=(), converter=_origins, validator=_strings)
+
+    # --- history ------------------------------------------------------------------------
+    #: Publications kept per topic for late subscribers; 0 keeps none.
+    history_size: int = attrs.field(default=100, validator=_count)
+    #: Seconds a kept publication stays available.
+    history_ttl: float = attrs.field(default=300.0, validator=_positive)
+    #: Per-topic overrides of size and ttl; the first matching pattern wins.
+    history_rules: tuple[HistoryRule, ...] = attrs.field(
+        default=(), converter=_history_rules, validator=_check_history_rules
+    )
+
+    # --- presence -----------------------------------------------------------------------
+    #: Topic patterns whose subscribers get join/leave events.
+    presence_events: tuple[str, ...] = attrs.field(
+        default=(), converter=_as_tuple, validator=_check_patterns
+    )
+
+    # --- logging ------------------------------------------------------------------------
+    log_level: str = attrs.field(default="info", converter=_lower, validator=_one_of(LOG_LEVELS))
+    log_format: str = attrs.field(default="text", converter=_lower, validator=_one_of(LOG_FORMATS))
+
     def __attrs_post_init__(self) -> None:
+        if not self.host:
+            raise ConfigError("host is empty; use 127.0.0.1 for loopback, or 0.0.0.0 / :: "
+                              "for every interface")
         if self.tcp_port is not None and self.tcp_port == self.port and self.port != 0:
             raise ConfigError(f"tcp_port and port are both {self.port}; pick two ports")
         if not self.ws_path.startswith("/"):
             raise ConfigError(f"ws_path must start with '/', got {self.ws_path!r}")
         if self.api_key is not None and not self.api_key:
             raise ConfigError("api_key is empty; leave it unset to disable the check")
+        self._check_auth()
+        for origin in self.allowed_origins:
+            _check_origin(origin)
+
+    def _check_auth(self) -> None:
+        if self.token_secret is not None and self.token_public_key is not None:
+            raise ConfigError("token_secret and token_public_key are both set; use one: the secret "
+                              "for HS tokens, or the public key for RS/ES/PS tokens")
+        if self.token_algorithms is not None:
+            self._check_algorithms(self.token_algorithms)
+        if self.token_public_key is not None:
+            _check_public_key(self.token_public_key, self.token_algorithms)
+        if not self.auth_enabled:
+            for name in ("token_audience", "token_issuer"):
+                if getattr(self, name) is not None:
+                    raise ConfigError(f"{name} is set but no token_secret or token_public_key is, "
+                                      "so no token is ever checked; set a token key or drop it")
+            if self.anonymous is False:
+                raise ConfigError("anonymous is false but no token_secret or token_public_key is set, "
+                                  "so no client could connect; set a token key or drop anonymous")
+
+    def _check_algorithms(self, algorithms: tuple[str, ...]) -> None:
+        if not algorithms:
+            raise ConfigError("token_algorithms is empty; leave it unset for the default")
+        known = HMAC_ALGORITHMS + PUBLIC_KEY_ALGORITHMS
+        for alg in algorithms:
+            if alg.lower() == "none":
+                raise ConfigError("token_algorithms must not contain 'none': unsigned tokens "
+                                  "would let anyone in")
+            if alg not in known:
+                hint = f"; did you mean {alg.upper()!r}?" if alg.upper() in known else ""
+                raise ConfigError(f"token_algorithms: unknown algorithm {alg!r}{hint} "
+                                  f"(supported: {', '.join(known)})")
+            # One key per algorithm family: a public key must never be usable
+            # as an HMAC secret, or anyone holding it could forge tokens.
+            if alg in HMAC_ALGORITHMS and self.token_secret is None:
+                raise ConfigError(f"token_algorithms has {alg}, which needs token_secret; "
+                                  "set token_secret or drop the HS algorithms")
+            if alg in PUBLIC_KEY_ALGORITHMS and self.token_public_key is None:
+                raise ConfigError(f"token_algorithms has {alg}, which needs token_public_key; "
+                                  f"set token_public_key (or token_public_key_file) or drop {alg}")
+
+    # --- derived ------------------------------------------------------------------------
+
+    @property
+    def auth_enabled(self) -> bool:
+        """Client tokens are checked: a token secret or public key is configured."""
+        return self.token_secret is not None or self.token_public_key is not None
+
+    @property
+    def anonymous_allowed(self) -> bool:
+        """Clients may connect without a token; by default only when no token key is set."""
+        return not self.auth_enabled if self.anonymous is None else self.anonymous
+
+    @property
+    def effective_token_algorithms(self) -> tuple[str, ...]:
+        """``token_algorithms``, or the default for the keys configured (empty without keys)."""
+        if self.token_algorithms is not None:
+            return self.token_algorithms
+        if self.token_secret is not None:
+            return ("HS256",)
+        return ("RS256", "ES256") if self.token_public_key is not None else ()
+
+    def history_for(self, topic: str) -> tuple[int, float]:
+        """(size, ttl) of the history kept for *topic*: the first matching rule, else the defaults."""
+        for rule in self.history_rules:
+            if fnmatchcase(topic, rule.pattern):
+                return rule.size, rule.ttl
+        return self.history_size, self.history_ttl
+
+    def presence_events_for(self, topic: str) -> bool:
+        """Whether subscribers of *topic* get join/leave events."""
+        return any(fnmatchcase(topic, pattern) for pattern in self.presence_events)
+
+
+def _check_public_key(pem: str, algorithms: tuple[str, ...] | None) -> None:
+    if "PRIVATE KEY" in pem:
+        raise ConfigError("token_public_key holds a private key; give the server only the public "
+                          "half (openssl pkey -in key.pem -pubout)")
+    # Parsed now so a bad key stops the server at start-up, not at the first client.
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+    from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+    try:
+        key = load_pem_public_key(pem.encode())
+    except ValueError:
+        raise ConfigError("token_public_key is not a PEM public key ('-----BEGIN PUBLIC KEY-----'); "
+                          "for a certificate, extract its key with openssl x509 -pubkey -noout") from None
+    family: tuple[str, ...]
+    if isinstance(key, rsa.RSAPublicKey):
+        family = ("RS", "PS")
+    elif isinstance(key, ec.EllipticCurvePublicKey):
+        family = ("ES",)
+    else:
+        raise ConfigError(f"token_public_key is a {type(key).__name__.removeprefix('_')}; "
+                          "use an RSA (RS*/PS*) or EC (ES*) key")
+    for alg in algorithms or ():
+        if alg in PUBLIC_KEY_ALGORITHMS and not alg.startswith(family):
+            raise ConfigError(f"token_algorithms has {alg}, which token_public_key "
+                              f"({'RSA' if family[0] == 'RS' else 'EC'}) cannot verify; "
+                              "drop it or use a matching key")
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Config:
+    """A Config from a TOML file, then ``TRIOSERVE_*`` variables, then *overrides*.
+
+    Each later source wins. *path* defaults to ``TRIOSERVE_CONFIG``; *env* to
+    ``os.environ``. Every problem raises :class:`ConfigError` with a one-line message.
+    """
+    # configfile builds on Config, so importing it at the top would be circular.
+    from .configfile import load_config as load
+
+    return load(path, env, overrides)

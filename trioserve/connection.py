@@ -10,6 +10,7 @@ heartbeat is the deadline of the reader's cancel scope, not a sleeping task.
 from __future__ import annotations
 
 import enum
+import itertools
 import logging
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -18,8 +19,10 @@ from typing import ClassVar
 import attrs
 import trio
 
+from .auth import Claims, seconds_left
 from .config import Config, SlowConsumerPolicy
 from .protocol.codes import CloseCode, default_reason
+from .protocol.messages import REFRESH_REQUIRED
 from .transport import Transport
 
 __all__ = [
@@ -31,6 +34,8 @@ __all__ = [
 ]
 
 log = logging.getLogger("trioserve.connection")
+
+_ids = itertools.count(1)
 
 _MAX_IOV = 64
 # Bytes handed to one sendmsg(); more would only sit in the kernel's buffer anyway.
@@ -110,6 +115,7 @@ class Connection:
         "_done",
         "_drained",
         "_dropped",
+        "_expires_at",
         "_head_offset",
         "_inbox",
         "_last_rx",
@@ -121,11 +127,14 @@ class Connection:
         "_queued_bytes",
         "_queued_frames",
         "_reading",
+        "_refresh_sent",
         "_scope",
         "_slow",
         "_task",
         "_transport",
         "_writer_running",
+        "claims",
+        "id",
         "remote",
         "state",
     )  # fmt: skip
@@ -143,6 +152,12 @@ class Connection:
         self._nursery = nursery
         self._task = trio.lowlevel.current_task()
         self.remote = remote
+        #: A number unique within the process, shown in presence as ``c<id>``.
+        self.id = next(_ids)
+        #: Who this is and what it may do; None until authenticated (TCP ``connect``).
+        self.claims: Claims | None = None
+        self._expires_at: float | None = None
+        self._refresh_sent = False
         self.state = ConnectionState.OPEN
         # None rather than an empty deque: an idle connection should not pay for one.
         self._queue: deque[tuple[bytes, int]] | None = None
@@ -409,13 +424,39 @@ class Connection:
         if self.state is ConnectionState.CLOSING:
             return self._close_deadline
         if self._ping_sent_at is not None:
-            return self._ping_sent_at + self._config.ping_timeout
-        return self._last_rx + self._config.ping_interval
+            deadline = self._ping_sent_at + self._config.ping_timeout
+        else:
+            deadline = self._last_rx + self._config.ping_interval
+        if self._expires_at is not None and self._expires_at < deadline:
+            return self._expires_at
+        return deadline
+
+    def set_claims(self, claims: Claims) -> None:
+        """Authenticate the connection as *claims* (on connect, or on a token refresh).
+
+        When the claims expire the client is sent ``{"op":"refresh_required"}``
+        and has ``refresh_grace`` seconds to refresh before a 4001 close.
+        """
+        self.claims = claims
+        self._refresh_sent = False
+        left = seconds_left(claims)
+        self._expires_at = None if left is None else trio.current_time() + left
+        if self._scope is not None:
+            self._scope.deadline = self._next_deadline()
 
     def _on_deadline(self) -> None:
+        now = trio.current_time()
         if self.state is ConnectionState.CLOSING:
             log.debug("close handshake with %s timed out; closing", self.remote)
             self._finish()
+        elif self._expires_at is not None and now >= self._expires_at:
+            if self._refresh_sent:
+                self._start_close(CloseCode.UNAUTHORIZED, "unauthorized: token expired")
+            else:
+                # Token expiry shares the heartbeat's deadline: no timer task per connection.
+                self._refresh_sent = True
+                self._expires_at = now + self._config.refresh_grace
+                self.send_encoded(REFRESH_REQUIRED)
         elif self._ping_sent_at is None:
             self._ping_sent_at = trio.current_time()
             self._write(self._ping_frame(), 0, limited=False)
@@ -501,6 +542,16 @@ class Connection:
     def closed(self) -> bool:
         """True once the transport is closed (handshake done, timed out, or aborted)."""
         return self.state is ConnectionState.CLOSED
+
+    @property
+    def queued_bytes(self) -> int:
+        """Bytes waiting in the outbound queue (cheaper than :meth:`statistics`)."""
+        return self._queued_bytes
+
+    @property
+    def queued_frames(self) -> int:
+        """Frames waiting in the outbound queue."""
+        return self._queued_frames
 
     @property
     def close_code(self) -> int | None:

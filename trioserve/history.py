@@ -83,6 +83,18 @@ class History:
             missed = missed[:limit]
         return Recovery(True, self.epoch, position, tuple(missed))
 
+    def after(self, topic: str, offset: int, now: float, limit: int) -> tuple[tuple[bytes, ...], bool]:
+        """Up to *limit* held publications after *offset*, and whether history
+        reached back far enough to hold all of them (no gap before the first)."""
+        held = self._topics.get(topic)
+        if held is None:
+            return (), offset >= self.position(topic)
+        entries, _, ttl = held
+        self._expire(entries, ttl, now)
+        complete = offset >= self.position(topic) or bool(entries and entries[0][0] <= offset + 1)
+        missed = tuple(payload for off, payload, _ in entries if off > offset)[:limit]
+        return missed, complete
+
     def retained(self, topic: str) -> int:
         held = self._topics.get(topic)
         return len(held[0]) if held else 0

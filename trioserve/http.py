@@ -47,10 +47,7 @@ class Request:
 
     def header(self, name: bytes) -> bytes | None:
         """The first value of header *name* (lower-case), or None."""
-        for k, v in self.headers:
-            if k == name:
-                return v
-        return None
+        return _header(self.headers, name)
 
 
 @attrs.frozen
@@ -62,6 +59,16 @@ class Response:
 
 
 RouteHandler = Callable[[Request], Awaitable[Response]]
+
+
+@attrs.frozen
+class Upgrade:
+    """A WebSocket upgrade that got its 101."""
+
+    #: Bytes that came after the request: the start of the WebSocket stream.
+    trailing: bytes
+    #: The connection token, from ``?token=`` or ``Authorization: Bearer``.
+    token: str | None
 
 
 def json_response(status: int, obj: Any, headers: list[tuple[bytes, bytes]] | None = None) -> Response:
@@ -119,13 +126,13 @@ async def _respond(h: h11.Connection, transport: Transport, resp: Response, clos
     await transport.send_all(data)
 
 
-async def serve_http(transport: Transport, server: Server, remote: str | None) -> bytes | None:
+async def serve_http(transport: Transport, server: Server, remote: str | None) -> Upgrade | None:
     """Serve one socket of the HTTP+WebSocket listener until it closes or upgrades.
 
-    Returns None when the socket is done, or, after a 101, the bytes that came
-    after the request (the start of the WebSocket stream). Returning rather
-    than running the WebSocket from here lets the h11 state and this frame be
-    freed: they would otherwise cost every idle connection about 3 KB.
+    Returns None when the socket is done, or the :class:`Upgrade` after a 101.
+    Returning rather than running the WebSocket from here lets the h11 state
+    and this frame be freed: they would otherwise cost every idle connection
+    about 3 KB.
     """
     cfg = server.config
     h = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
@@ -155,7 +162,7 @@ async def serve_http(transport: Transport, server: Server, remote: str | None) -
             await _refuse(h, transport, json_error(400, ErrorCode.BAD_REQUEST, "malformed request target"))
             return None
         if websocket.is_upgrade(request.headers):
-            return await _upgrade(h, transport, server, request, url.path)
+            return await _upgrade(h, transport, server, request, url.path, url.query)
         too_large = json_error(413, ErrorCode.TOO_LARGE,
                                f"request body over {cfg.max_message_size} bytes")
         if _declared_length(request.headers) > cfg.max_message_size:
@@ -212,7 +219,7 @@ def _declared_length(headers: Sequence[tuple[bytes, bytes]]) -> int:
 
 
 async def _upgrade(h: h11.Connection, transport: Transport, server: Server,
-                   request: h11.Request, path: str) -> bytes | None:
+                   request: h11.Request, path: str, query: str) -> Upgrade | None:
     if path != server.config.ws_path:
         await _refuse(h, transport, json_error(
             404, ErrorCode.NOT_FOUND, f"no WebSocket endpoint at {path}; use {server.config.ws_path}"))
@@ -221,6 +228,14 @@ async def _upgrade(h: h11.Connection, transport: Transport, server: Server,
         headers = websocket.check_upgrade(request.method, request.http_version, request.headers)
     except websocket.HandshakeError as exc:
         await _refuse(h, transport, json_error(exc.status, ErrorCode.BAD_REQUEST, exc.reason, exc.headers))
+        return None
+    origin = _header(request.headers, b"origin")
+    allowed = server.config.allowed_origins
+    # Origins guard browsers against cross-site use of their cookies/session;
+    # clients that send no Origin are not browsers and are let through.
+    if origin is not None and allowed and "*" not in allowed and origin.decode("latin-1") not in allowed:
+        await _refuse(h, transport, json_error(403, ErrorCode.FORBIDDEN,
+                                               f"origin {origin.decode('latin-1')!r} is not allowed"))
         return None
     if server.draining:
         await _refuse(h, transport, json_error(503, ErrorCode.UNAVAILABLE, "server is draining"))
@@ -243,7 +258,24 @@ async def _upgrade(h: h11.Connection, transport: Transport, server: Server,
         await transport.send_all(data)
     except OSError:
         return None
-    return bytes(trailing)
+    return Upgrade(bytes(trailing), _token(request.headers, query))
+
+
+def _header(headers: Sequence[tuple[bytes, bytes]], name: bytes) -> bytes | None:
+    for k, v in headers:
+        if k == name:
+            return v
+    return None
+
+
+def _token(headers: Sequence[tuple[bytes, bytes]], query: str) -> str | None:
+    tokens = parse_qs(query).get("token")
+    if tokens:
+        return tokens[0]
+    auth = _header(headers, b"authorization")
+    if auth is not None and auth[:7].lower() == b"bearer ":
+        return auth[7:].strip().decode("latin-1")
+    return None
 
 
 # --- the push server's routes -------------------------------------------------------
@@ -258,15 +290,22 @@ def push_routes(server: Server) -> dict[tuple[str, str], RouteHandler]:
             return json_response(503, {"status": "draining"})
         return json_response(200, {"status": "ready"})
 
-    async def publish(req: Request) -> Response:
+    def refused(req: Request) -> Response | None:
+        """A 401 unless the request carries the API key (when one is configured)."""
         key = server.config.api_key
-        if key is not None:
-            given = req.header(b"authorization") or b""
-            expected = b"Bearer " + key.encode()
-            if not hmac.compare_digest(given, expected):
-                return json_error(401, ErrorCode.UNAUTHORIZED,
-                                  "missing or wrong API key (Authorization: Bearer <key>)",
-                                  [(b"www-authenticate", b"Bearer")])
+        if key is None:
+            return None
+        given = req.header(b"authorization") or b""
+        if hmac.compare_digest(given, b"Bearer " + key.encode()):
+            return None
+        server.count_auth_failure()
+        return json_error(401, ErrorCode.UNAUTHORIZED,
+                          "missing or wrong API key (Authorization: Bearer <key>)",
+                          [(b"www-authenticate", b"Bearer")])
+
+    async def publish(req: Request) -> Response:
+        if (denied := refused(req)) is not None:
+            return denied
         try:
             body = orjson.loads(req.body)
         except orjson.JSONDecodeError as exc:
@@ -288,8 +327,42 @@ def push_routes(server: Server) -> dict[tuple[str, str], RouteHandler]:
         return json_response(200, {"ok": True, "offset": result.offset,
                                    "subscribers": result.subscribers})
 
+    async def history(req: Request) -> Response:
+        """``GET /api/history?topic=t&since=41&limit=100``: what followed offset 41.
+
+        ``complete`` is false when history no longer reaches back to ``since``
+        (the publications returned then start later than ``since + 1``).
+        """
+        if (denied := refused(req)) is not None:
+            return denied
+        try:
+            topic = validate_topic(req.query.get("topic", [None])[0])
+            since = int(req.query.get("since", ["0"])[0])
+            limit = int(req.query.get("limit", ["100"])[0])
+            if since < 0 or not 1 <= limit <= 1000:
+                raise ValueError
+        except ProtocolError as exc:
+            return json_error(400, exc.code, exc.message)
+        except ValueError:
+            return json_error(400, ErrorCode.BAD_REQUEST,
+                              "since must be an integer >= 0 and limit 1-1000")
+        hub = server.hub
+        publications, complete = hub.history_after(topic, since, limit)
+        return json_response(200, {
+            "ok": True, "topic": topic, "epoch": hub.epoch, "offset": hub.position(topic),
+            "complete": complete, "publications": [orjson.Fragment(p) for p in publications],
+        })
+
+    async def metrics(req: Request) -> Response:
+        # Imported here so prometheus_client is loaded only by servers that get scraped.
+        from .metrics import metrics_response
+
+        return metrics_response(server, req)
+
     return {
         ("GET", "/healthz"): healthz,
         ("GET", "/readyz"): readyz,
         ("POST", "/api/publish"): publish,
+        ("GET", "/api/history"): history,
+        ("GET", "/metrics"): metrics,
     }

@@ -178,6 +178,11 @@ class Hub:
         """
         return self.history.since(topic, epoch, offset, trio.current_time(), limit)
 
+    def history_after(self, topic: str, offset: int, limit: int) -> tuple[tuple[bytes, ...], bool]:
+        """Held publications of *topic* after *offset* (at most *limit*), and
+        whether history still reaches back to ``offset + 1``."""
+        return self.history.after(topic, offset, trio.current_time(), limit)
+
     def subscribers(self, topic: str) -> list[Connection]:
         """The connections subscribed to *topic*, on every transport."""
         return [conn for subs in self._topics.get(topic, {}).values() for conn in subs]

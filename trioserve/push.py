@@ -6,10 +6,13 @@ with their own (see ``Server(ws_handler=..., tcp_handler=...)``).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+import orjson
+
+from .auth import AuthError, Claims
 from .hub import HubClosed, HubOverloaded
-from .protocol.codes import ErrorCode
+from .protocol.codes import CloseCode, ErrorCode
 from .protocol.messages import (
     Command,
     ProtocolError,
@@ -22,7 +25,7 @@ if TYPE_CHECKING:
     from .connection import Connection
     from .server import Server
 
-__all__ = ["push_handler"]
+__all__ = ["client_info", "leave_all", "push_handler"]
 
 
 async def push_handler(conn: Connection, server: Server) -> None:
@@ -37,28 +40,57 @@ async def push_handler(conn: Connection, server: Server) -> None:
 
 async def _handle(conn: Connection, server: Server, message: str | bytes) -> None:
     try:
-        reply = await _dispatch(conn, server, parse_command(message))
+        cmd = parse_command(message)
+        if conn.claims is None and cmd.op != "connect":
+            # Only TCP connections start without claims, when a token is required.
+            conn.start_close(CloseCode.UNAUTHORIZED,
+                             'unauthorized: send {"op":"connect","token":...} first')
+            return
+        reply = await _dispatch(conn, server, cmd)
     except ProtocolError as exc:
         reply = encode_error(exc.code, exc.message, exc.id)
     conn.send_encoded(reply)
 
 
+def client_info(conn: Connection) -> dict[str, Any]:
+    """How *conn* appears in presence lists and join/leave events."""
+    sub = conn.claims.sub if conn.claims is not None else "anonymous"
+    return {"client": sub, "conn": f"c{conn.id}", "transport": conn.transport_name}
+
+
+def _presence_event(op: str, topic: str, conn: Connection) -> bytes:
+    return orjson.dumps({"op": op, "topic": topic, "client": client_info(conn)})
+
+
+def leave_all(server: Server, conn: Connection, topics: frozenset[str]) -> None:
+    """Tell the rest of each topic with presence events that *conn* has left."""
+    for topic in topics:
+        if server.config.presence_events_for(topic):
+            server.hub.send_event(topic, _presence_event("leave", topic, conn), exclude=conn)
+
+
+def _forbidden(cmd: Command, what: str) -> ProtocolError:
+    return ProtocolError(ErrorCode.FORBIDDEN, what, cmd.id)
+
+
 async def _dispatch(conn: Connection, server: Server, cmd: Command) -> bytes:
     hub = server.hub
     op = cmd.op
+    claims = conn.claims
+    assert claims is not None or op == "connect"
     if op == "subscribe":
-        hub.subscribe(conn, cmd.topic)
-        return encode_reply(cmd.id, topic=cmd.topic, offset=hub.offset(cmd.topic))
+        assert claims is not None
+        return _subscribe(conn, server, cmd, claims)
     if op == "unsubscribe":
-        hub.unsubscribe(conn, cmd.topic)
+        if hub.unsubscribe(conn, cmd.topic) and server.config.presence_events_for(cmd.topic):
+            hub.send_event(cmd.topic, _presence_event("leave", cmd.topic, conn))
         return encode_reply(cmd.id, topic=cmd.topic)
     if op == "publish":
-        if not server.config.client_publish:
-            raise ProtocolError(
-                ErrorCode.FORBIDDEN,
-                "client publish is disabled on this server (--client-publish)",
-                cmd.id,
-            )
+        assert claims is not None
+        allowed = server.config.client_publish if claims.anonymous else claims.may_publish(cmd.topic)
+        if not allowed:
+            raise _forbidden(cmd, "client publish is disabled on this server (--client-publish)"
+                             if claims.anonymous else f"the token does not allow publishing to {cmd.topic}")
         try:
             try:
                 # No checkpoint on the common path: a burst read in one chunk
@@ -69,5 +101,52 @@ async def _dispatch(conn: Connection, server: Server, cmd: Command) -> bytes:
         except HubClosed as exc:
             raise ProtocolError(ErrorCode.UNAVAILABLE, str(exc), cmd.id) from None
         return encode_reply(cmd.id, offset=result.offset, subscribers=result.subscribers)
+    if op == "presence":
+        assert claims is not None
+        if not claims.presence:
+            raise _forbidden(cmd, "the token does not allow presence")
+        clients = [client_info(c) for c in hub.subscribers(cmd.topic)]
+        return encode_reply(cmd.id, topic=cmd.topic, clients=clients)
+    if op in ("connect", "refresh"):
+        return _authenticate(conn, server, cmd)
     # "ping": the only other op parse_command accepts.
     return encode_reply(cmd.id, op="pong")
+
+
+def _subscribe(conn: Connection, server: Server, cmd: Command, claims: Claims) -> bytes:
+    hub = server.hub
+    topic = cmd.topic
+    if not claims.may_subscribe(topic):
+        raise _forbidden(cmd, f"the token does not allow subscribing to {topic}")
+    since = cmd.fields.get("since")
+    # Recovery, subscribing and the reply happen with no checkpoint in between,
+    # so no publication is both recovered and delivered live, or neither.
+    if since is None:
+        fields: dict[str, Any] = {"epoch": hub.epoch, "offset": hub.position(topic)}
+    else:
+        recovery = hub.recover(topic, since["epoch"], since["offset"])
+        fields = {
+            "epoch": recovery.epoch,
+            "offset": recovery.offset,
+            "recovered": recovery.recovered,
+            "publications": [orjson.Fragment(p) for p in recovery.publications],
+        }
+    if hub.subscribe(conn, topic) and server.config.presence_events_for(topic):
+        hub.send_event(topic, _presence_event("join", topic, conn), exclude=conn)
+    return encode_reply(cmd.id, topic=topic, **fields)
+
+
+def _authenticate(conn: Connection, server: Server, cmd: Command) -> bytes:
+    authenticator = server.authenticator
+    if authenticator is None:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "this server does not use tokens", cmd.id)
+    try:
+        claims = authenticator.verify(cmd.fields["token"])
+    except AuthError as exc:
+        server.count_auth_failure()
+        raise ProtocolError(ErrorCode.UNAUTHORIZED, f"{exc.code}: {exc.message}", cmd.id) from None
+    if cmd.op == "refresh" and conn.claims is not None and claims.sub != conn.claims.sub:
+        raise ProtocolError(ErrorCode.UNAUTHORIZED,
+                            f"the new token is for {claims.sub!r}, not {conn.claims.sub!r}", cmd.id)
+    conn.set_claims(claims)
+    return encode_reply(cmd.id, client=claims.sub)

@@ -22,12 +22,14 @@ import attrs
 import trio
 
 from . import http, listeners
+from .auth import ANONYMOUS, Authenticator, AuthError
 from .config import Config
 from .connection import Connection, ConnectionClosed, ConnectionState
+from .history import History
 from .hub import Hub, HubStatistics
 from .protocol import ndjson
 from .protocol.codes import CloseCode, ErrorCode
-from .push import push_handler
+from .push import leave_all, push_handler
 from .tcp_connection import TcpConnection
 from .transport import SocketTransport
 from .ws_connection import WebSocketConnection
@@ -93,7 +95,9 @@ class Server:
         handle_signals: bool = False,
     ):
         self.config = config or Config()
-        self.hub = hub or Hub(self.config.hub_max_pending)
+        self.hub = hub or Hub(self.config.hub_max_pending, History(self.config.history_for))
+        #: Verifies connection tokens; None when no token key is configured.
+        self.authenticator = Authenticator.from_config(self.config)
         push = functools.partial(push_handler, server=self)
         self.ws_handler: Handler = ws_handler or push
         self.tcp_handler: Handler = tcp_handler or push
@@ -301,11 +305,12 @@ class Server:
     async def _serve_http_socket(self, sock: socket.socket, remote: str) -> None:
         transport = SocketTransport(sock)
         try:
-            trailing = await http.serve_http(transport, self, remote)
-            if trailing is not None:
+            upgrade = await http.serve_http(transport, self, remote)
+            if upgrade is not None:
                 nursery = self._listeners[0].nursery
                 assert nursery is not None
-                conn = WebSocketConnection(transport, self.config, nursery, remote, trailing)
+                conn = WebSocketConnection(transport, self.config, nursery, remote, upgrade.trailing)
+                self._authenticate(conn, upgrade.token)
                 await self._run_connection(conn, self.ws_handler)
         finally:
             transport.close()
@@ -322,13 +327,41 @@ class Server:
                 return
             nursery = self._listeners[-1].nursery
             assert nursery is not None
-            await self._run_connection(TcpConnection(transport, self.config, nursery, remote),
-                                       self.tcp_handler)
+            conn = TcpConnection(transport, self.config, nursery, remote)
+            if self.config.anonymous_allowed:
+                # Otherwise a TCP client authenticates with its first line, {"op":"connect"}.
+                conn.set_claims(ANONYMOUS)
+            await self._run_connection(conn, self.tcp_handler)
         except OSError:
             pass
         finally:
             transport.close()
             self._sockets -= 1
+
+    def _authenticate(self, conn: Connection, token: str | None) -> None:
+        """Give *conn* its claims from *token*, or start closing it with 4001.
+
+        A refused WebSocket is closed after the upgrade rather than answered
+        with a 401, because a browser sees no HTTP status of a failed upgrade,
+        but it does see a close frame's code and reason.
+        """
+        if token is None and self.config.anonymous_allowed:
+            conn.set_claims(ANONYMOUS)
+            return
+        if self.authenticator is None:
+            # No key to verify with; a token is not a reason to refuse a connection.
+            conn.set_claims(ANONYMOUS)
+            return
+        try:
+            conn.set_claims(self.authenticator.verify(token or ""))
+        except AuthError as exc:
+            self._auth_failures += 1
+            log.info("unauthorized %s: %s", conn.remote, exc.code)
+            conn.start_close(CloseCode.UNAUTHORIZED, f"unauthorized: {exc.code}")
+
+    def count_auth_failure(self) -> None:
+        """Count a refused token (for the auth-failures metric)."""
+        self._auth_failures += 1
 
     async def _run_connection(self, conn: Connection, handler: Handler) -> None:
         self._connections.add(conn)
@@ -339,7 +372,8 @@ class Server:
             conn.start_close(CloseCode.GOING_AWAY)
         try:
             try:
-                await handler(conn)
+                if conn.state is ConnectionState.OPEN:
+                    await handler(conn)
             except ConnectionClosed:
                 pass
             except Exception:
@@ -349,7 +383,9 @@ class Server:
         finally:
             self._connections.discard(conn)
             self._conn_gone.unpark_all()
+            topics = self.hub.topics_of(conn)
             self.hub.unsubscribe_all(conn)
+            leave_all(self, conn, topics)
             if conn.state is not ConnectionState.CLOSED:
                 conn.abort()
                 if self._draining:
@@ -363,8 +399,6 @@ class Server:
     def _log_disconnect(self, conn: Connection) -> None:
         code = conn.close_code or CloseCode.ABNORMAL
         self._disconnects[code] = self._disconnects.get(code, 0) + 1
-        if code == CloseCode.UNAUTHORIZED:
-            self._auth_failures += 1
         # Normal ends are routine at scale; everything else is worth seeing at info.
         level = logging.DEBUG if code in _NORMAL_CLOSES else logging.INFO
         log.log(level, "disconnect %s (%s): %d %s", conn.remote, conn.transport_name, code,

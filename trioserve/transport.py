@@ -77,7 +77,12 @@ class SocketTransport(Transport):
             return 0
 
     async def wait_writable(self) -> None:
-        await trio.lowlevel.wait_writable(self.sock)
+        try:
+            await trio.lowlevel.wait_writable(self.sock)
+        except trio.ClosedResourceError as exc:
+            # Closed by another task (a failed send, a forced close): to the
+            # caller that is a broken connection like any other.
+            raise ConnectionResetError(errno.ECONNRESET, "socket closed") from exc
 
     async def send_some(self, buffers: Sequence[bytes | memoryview]) -> int:
         # No checkpoint here: the caller waited already, so the buffers it just
@@ -90,7 +95,10 @@ class SocketTransport(Transport):
     async def receive_some(self) -> bytes:
         # Waiting first, rather than trying recv() first, gives every reader one
         # checkpoint per chunk, so a client that floods us cannot starve the rest.
-        await trio.lowlevel.wait_readable(self.sock)
+        try:
+            await trio.lowlevel.wait_readable(self.sock)
+        except trio.ClosedResourceError as exc:
+            raise ConnectionResetError(errno.ECONNRESET, "socket closed") from exc
         try:
             return self.sock.recv(_RECV_SIZE)
         except BlockingIOError:

@@ -67,9 +67,35 @@ def test_parse_ping() -> None:
 
 
 def test_parse_keeps_unknown_fields() -> None:
-    cmd = parse_command('{"op":"subscribe","topic":"t","since":5,"x":{"y":1}}')
-    assert cmd.fields["since"] == 5
+    cmd = parse_command('{"op":"subscribe","topic":"t","extra":5,"x":{"y":1}}')
+    assert cmd.fields["extra"] == 5
     assert cmd.fields["x"] == {"y": 1}
+
+
+def test_subscribe_since_is_validated() -> None:
+    cmd = parse_command('{"op":"subscribe","topic":"t","since":{"epoch":"e1","offset":41}}')
+    assert cmd.fields["since"] == {"epoch": "e1", "offset": 41}
+    for bad in ('5', '{"epoch":"e"}', '{"offset":1}', '{"epoch":1,"offset":1}',
+                '{"epoch":"e","offset":-1}', '{"epoch":"e","offset":true}', '{"epoch":"e","offset":1.5}'):
+        with pytest.raises(ProtocolError) as info:
+            parse_command('{"op":"subscribe","topic":"t","id":3,"since":' + bad + "}")
+        assert info.value.code is ErrorCode.BAD_REQUEST and info.value.id == 3
+        assert "since" in info.value.message
+
+
+@pytest.mark.parametrize("op", ["connect", "refresh"])
+def test_token_ops_need_a_token(op: str) -> None:
+    assert parse_command('{"op":"' + op + '","token":"abc"}').fields["token"] == "abc"
+    for bad in ("", ',"token":""', ',"token":5'):
+        with pytest.raises(ProtocolError) as info:
+            parse_command('{"op":"' + op + '"' + bad + "}")
+        assert info.value.code is ErrorCode.BAD_REQUEST and "token" in info.value.message
+
+
+def test_presence_needs_a_topic() -> None:
+    assert parse_command('{"op":"presence","topic":"room.1"}').topic == "room.1"
+    with pytest.raises(ProtocolError):
+        parse_command('{"op":"presence"}')
 
 
 def test_parse_accepts_str_bytes_and_buffers() -> None:

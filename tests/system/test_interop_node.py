@@ -71,7 +71,8 @@ async def test_node_ws_client_receives_publications(node: str, start_server: Any
             # Publishing before the subscription is in place would lose messages.
             first = await next_event()
             assert first == {"event": "subscribed",
-                             "reply": {"id": 1, "ok": True, "topic": "feed", "offset": 0}}, events
+                             "reply": {"id": 1, "ok": True, "topic": "feed",
+                                 "epoch": rs.server.hub.epoch, "offset": 0}}, events
 
             # Bursts with a checkpoint between them, so both single-publication
             # frames and multi-publication batches reach the client.

@@ -351,3 +351,26 @@ async def test_tcp_invalid_utf8(pair: PairFactory) -> None:
         assert await peer.next_line() == b'{"op":"close","code":1007,"reason":"invalid UTF-8"}'
         assert await peer.next_line() is None
     assert conn.close_code == 1007
+
+
+async def test_closing_under_a_waiting_writer_and_reader_raises_nothing() -> None:
+    """Another task closing the socket must not crash the writer or the nursery."""
+    results: list[BaseException | str] = []
+
+    async def reader(conn: Connection) -> None:
+        try:
+            await conn.receive()
+        except ConnectionClosed:
+            results.append("reader saw ConnectionClosed")
+
+    async with trio.open_nursery() as nursery:
+        conn, peer = await start_ws(nursery, socket_pair, reader, bufsize=4096,
+                                    queue_max_bytes=10**8, queue_max_frames=10**6)
+        for _ in range(2000):  # far more than the socket buffers hold: the writer waits
+            conn.send_prepared(websocket.text_frame(b"z" * 1000))
+        await trio.sleep(0.01)
+        assert conn.statistics().queued_frames > 0, conn.statistics()
+        conn.abort()
+    await peer.stream.aclose()
+    assert results == ["reader saw ConnectionClosed"]
+    assert conn.closed and conn.close_code == CloseCode.ABNORMAL

@@ -73,6 +73,30 @@ def _needs_topic(cmd: dict[str, Any], id: Any) -> None:
     validate_topic(cmd["topic"], id)
 
 
+def _check_subscribe(cmd: dict[str, Any], id: Any) -> None:
+    _needs_topic(cmd, id)
+    since = cmd.get("since")
+    if since is None:
+        return
+    if (
+        not isinstance(since, dict)
+        or not isinstance(since.get("epoch"), str)
+        or not isinstance(since.get("offset"), int)
+        or isinstance(since.get("offset"), bool)
+        or since["offset"] < 0
+    ):
+        raise ProtocolError(
+            ErrorCode.BAD_REQUEST,
+            "'since' must be {\"epoch\": <string>, \"offset\": <integer >= 0>}",
+            id,
+        )
+
+
+def _needs_token(cmd: dict[str, Any], id: Any) -> None:
+    if not isinstance(cmd.get("token"), str) or not cmd["token"]:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "'token' must be a non-empty string", id)
+
+
 def _check_publish(cmd: dict[str, Any], id: Any) -> None:
     _needs_topic(cmd, id)
     if "data" not in cmd:
@@ -84,10 +108,13 @@ def _no_fields(cmd: dict[str, Any], id: Any) -> None:
 
 
 _VALIDATORS: dict[str, Callable[[dict[str, Any], Any], None]] = {
-    "subscribe": _needs_topic,
+    "subscribe": _check_subscribe,
     "unsubscribe": _needs_topic,
     "publish": _check_publish,
     "ping": _no_fields,
+    "presence": _needs_topic,
+    "connect": _needs_token,
+    "refresh": _needs_token,
 }
 KNOWN_OPS = frozenset(_VALIDATORS)
 
@@ -118,6 +145,10 @@ def parse_command(raw: str | bytes, extra_ops: frozenset[str] = frozenset()) -> 
     elif op not in extra_ops:
         raise ProtocolError(ErrorCode.UNKNOWN_OP, f"unknown op {op[:64]!r}", id)
     return Command(op=op, id=id, fields=obj)
+
+
+#: Sent when a connection's token has expired; the client answers with "refresh".
+REFRESH_REQUIRED = b'{"op":"refresh_required"}'
 
 
 def encode_reply(id: Any = None, **fields: Any) -> bytes:

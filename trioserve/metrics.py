@@ -1,0 +1,187 @@
+"""Prometheus metrics for a Server, served as ``GET /metrics`` on the HTTP port.
+
+Nothing here runs on the fan-out path. The server and the hub keep plain
+integer counters. A :class:`ServerCollector` reads them through
+``server.statistics()`` only when Prometheus scrapes, and turns them into
+metric families. The hub's fan-out loop never takes a lock or calls
+prometheus_client.
+
+Each Server gets its own ``CollectorRegistry`` (see :func:`server_registry`),
+not prometheus_client's global ``REGISTRY``. Two servers in one process, as in
+tests or an embedding application, then report separately and cannot clash.
+That registry also holds the process, platform and GC collectors.
+
+``/metrics`` does not ask for the API key even when one is configured: it is
+meant for a Prometheus scraper inside the network. Filter ``/metrics`` at the
+proxy if the HTTP port is reachable from outside.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.metrics_core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+from .http import Request, Response
+from .hub import LATENCY_BUCKETS
+from .protocol.codes import CloseCode
+
+if TYPE_CHECKING:
+    from .server import Server
+
+__all__ = ["ServerCollector", "metrics_response", "server_registry"]
+
+# The transport labels (``Connection.transport_name``), always reported, even at
+# zero, so rate() and alerts have a series from the start.
+_WEBSOCKET = "websocket"
+_TCP = "tcp"
+_TRANSPORTS = (_WEBSOCKET, _TCP)
+# The "le" labels: for these bounds repr() matches the Go float formatting
+# Prometheus uses (prometheus_client.utils.floatToGoString, which is untyped).
+_LATENCY_BOUNDS = [*(repr(float(b)) for b in LATENCY_BUCKETS), "+Inf"]
+
+_registries: weakref.WeakKeyDictionary[Server, CollectorRegistry] = weakref.WeakKeyDictionary()
+
+
+class ServerCollector(Collector):
+    """Reads one server's statistics at scrape time and yields metric families.
+
+    It holds the server through a weak reference. The registry is the value
+    in a ``WeakKeyDictionary`` keyed by that server, and a strong reference
+    would keep the server alive for good. Once the server is gone, the
+    collector yields nothing.
+    """
+
+    def __init__(self, server: Server):
+        self._server = weakref.ref(server)
+
+    def describe(self) -> Iterable[Metric]:
+        # Lets the registry check for clashing names when this is registered.
+        return self.collect()
+
+    def collect(self) -> Iterable[Metric]:
+        server = self._server()
+        if server is None:
+            return []
+        return _families(server)
+
+
+def server_registry(server: Server) -> CollectorRegistry:
+    """The registry for *server*, made on first use.
+
+    It holds a :class:`ServerCollector` plus the process, platform and GC
+    collectors. Register your own collectors here to have them served on
+    ``/metrics``.
+    """
+    registry = _registries.get(server)
+    if registry is None:
+        registry = CollectorRegistry()
+        registry.register(ServerCollector(server))
+        ProcessCollector(registry=registry)
+        PlatformCollector(registry=registry)
+        GCCollector(registry=registry)
+        _registries[server] = registry
+    return registry
+
+
+def metrics_response(server: Server, request: Request) -> Response:
+    """The answer to ``GET /metrics``.
+
+    The body is in the Prometheus text format, or in OpenMetrics when the
+    ``Accept`` header asks for it (``prometheus_client``'s ``choose_encoder``).
+    """
+    accept = request.header(b"accept") or b""
+    encoder, content_type = choose_encoder(accept.decode("latin-1"))
+    body = encoder(server_registry(server))
+    return Response(200, body, content_type.encode("ascii"))
+
+
+def _families(server: Server) -> list[Metric]:
+    s = server.statistics()
+    hub = s.hub
+    # Summed here, at scrape time, so the send path keeps no server-wide total.
+    queued_bytes = queued_frames = 0
+    for conn in server.connections:
+        queued_bytes += conn.queued_bytes
+        queued_frames += conn.queued_frames
+
+    current = {_WEBSOCKET: s.websocket_connections, _TCP: s.tcp_connections}
+    extra = sorted(set(s.connects_total) - set(_TRANSPORTS))
+    connections = GaugeMetricFamily("trioserve_connections", "Open client connections, by transport.",
+                                    labels=["transport"])
+    connects = CounterMetricFamily("trioserve_connects",
+                                   "Client connections accepted since start, by transport.",
+                                   labels=["transport"])
+    for transport in (*_TRANSPORTS, *extra):
+        connections.add_metric([transport], current.get(transport, 0))
+        connects.add_metric([transport], s.connects_total.get(transport, 0))
+
+    disconnects = CounterMetricFamily(
+        "trioserve_disconnects",
+        "Closed client connections since start, by close code "
+        "(4008 slow consumer, 4002 heartbeat timeout, 1006 connection lost).",
+        labels=["code"])
+    for code in sorted(s.disconnects_total):
+        disconnects.add_metric([str(code)], s.disconnects_total[code])
+
+    latency = HistogramMetricFamily(
+        "trioserve_fanout_latency_seconds",
+        "Seconds from publish until the publication was handed to every subscriber's socket.",
+        buckets=list(zip(_LATENCY_BOUNDS, hub.fanout_latency_buckets, strict=True)),
+        sum_value=hub.fanout_latency_sum, unit="seconds")
+
+    return [
+        connections,
+        connects,
+        disconnects,
+        CounterMetricFamily(
+            "trioserve_slow_consumer_disconnects",
+            "Connections closed with 4008 because their outbound queue overflowed.",
+            value=s.disconnects_total.get(CloseCode.SLOW_CONSUMER, 0)),
+        CounterMetricFamily(
+            "trioserve_heartbeat_timeouts",
+            "Connections closed with 4002 because nothing, not even a pong, came after a ping.",
+            value=s.disconnects_total.get(CloseCode.HEARTBEAT_TIMEOUT, 0)),
+        CounterMetricFamily(
+            "trioserve_auth_failures",
+            "Upgrades refused and connections closed for a missing, invalid or expired token.",
+            value=s.auth_failures),
+        CounterMetricFamily(
+            "trioserve_rejected_connections",
+            "Connections refused: over max_connections, over the fd budget, or draining.",
+            value=s.rejected_connections),
+        GaugeMetricFamily("trioserve_max_connections", "The connection limit in force.",
+                          value=s.max_connections),
+        GaugeMetricFamily("trioserve_draining", "1 while the server drains, else 0.",
+                          value=int(s.draining)),
+        GaugeMetricFamily("trioserve_topics", "Topics with at least one subscriber.", value=hub.topics),
+        GaugeMetricFamily("trioserve_subscriptions", "Subscriptions (connection, topic pairs).",
+                          value=hub.subscriptions),
+        GaugeMetricFamily("trioserve_hub_pending", "Publications accepted and waiting for fan-out.",
+                          value=hub.pending),
+        CounterMetricFamily("trioserve_publications", "Publications accepted by the hub since start.",
+                            value=hub.publications),
+        CounterMetricFamily(
+            "trioserve_deliveries",
+            "Publications handed to subscribers since start (one per subscriber per publication).",
+            value=hub.deliveries),
+        CounterMetricFamily("trioserve_fanout_batches", "Fan-out batches run by the hub since start.",
+                            value=hub.batches),
+        GaugeMetricFamily("trioserve_queued_bytes",
+                          "Bytes waiting in outbound queues, summed over connections.",
+                          value=queued_bytes, unit="bytes"),
+        GaugeMetricFamily("trioserve_queued_frames",
+                          "Frames waiting in outbound queues, summed over connections.",
+                          value=queued_frames),
+        latency,
+    ]
