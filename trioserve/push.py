@@ -25,7 +25,10 @@ if TYPE_CHECKING:
     from .connection import Connection
     from .server import Server
 
-__all__ = ["client_info", "leave_all", "push_handler"]
+__all__ = ["MAX_RECOVERY_BYTES", "client_info", "leave_all", "push_handler"]
+
+#: Publications one recovering subscribe reply may carry, in bytes.
+MAX_RECOVERY_BYTES = 1024 * 1024 - 4096
 
 
 async def push_handler(conn: Connection, server: Server) -> None:
@@ -125,11 +128,16 @@ def _subscribe(conn: Connection, server: Server, cmd: Command, claims: Claims) -
         fields: dict[str, Any] = {"epoch": hub.epoch, "offset": hub.position(topic)}
     else:
         recovery = hub.recover(topic, since["epoch"], since["offset"])
+        recovered = recovery.recovered
+        if sum(len(p) for p in recovery.publications) > MAX_RECOVERY_BYTES:
+            # Too big for one reply to pass common clients' 1 MiB message limit:
+            # report a gap; the client can page GET /api/history instead.
+            recovered = False
         fields = {
             "epoch": recovery.epoch,
             "offset": recovery.offset,
-            "recovered": recovery.recovered,
-            "publications": [orjson.Fragment(p) for p in recovery.publications],
+            "recovered": recovered,
+            "publications": [orjson.Fragment(p) for p in recovery.publications] if recovered else [],
         }
     if hub.subscribe(conn, topic) and server.config.presence_events_for(topic):
         hub.send_event(topic, _presence_event("join", topic, conn), exclude=conn)

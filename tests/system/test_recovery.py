@@ -125,3 +125,19 @@ async def test_history_api(start_server: Any) -> None:
         assert bad.status == 400 and bad.json()["error"]["code"] == "bad_request"
         bad = await http_request(rs.port, "GET", "/api/history?since=1")
         assert bad.status == 400
+
+
+async def test_recovery_too_big_for_one_reply_is_reported_as_a_gap(start_server: Any) -> None:
+    rs = await start_server(history_size=100)
+    hub = rs.server.hub
+    blob = "x" * 20_000
+    for i in range(80):  # ~1.6 MB of history: over what one reply may carry
+        hub.publish_nowait("big", [i, blob])
+    await hub.flush()
+    with trio.fail_after(LIMIT):
+        ws = await RawWebSocket.connect(rs.port)
+        async with ws.stream:
+            reply = await subscribe(ws, "big", {"epoch": hub.epoch, "offset": 0})
+            assert reply["recovered"] is False and reply["publications"] == [] and reply["offset"] == 80
+            reply = await subscribe(ws, "big", {"epoch": hub.epoch, "offset": 50})  # 30 x 20 KB fits
+            assert reply["recovered"] is True and len(reply["publications"]) == 30
