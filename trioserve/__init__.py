@@ -16,7 +16,8 @@ from .connection import (
 from .http import Request, Response
 from .hub import Hub, HubClosed, HubOverloaded, HubStatistics, PublishResult, Recovery
 from .protocol.codes import CloseCode, ErrorCode
-from .server import Handler, Server, ServerStatistics
+from .protocol.messages import Command, ProtocolError
+from .server import Handler, OpHandler, Reject, Server, ServerStatistics
 from .tcp_connection import TcpConnection
 from .ws_connection import WebSocketConnection
 
@@ -32,6 +33,7 @@ __all__ = [
     "Connection",
     "ConnectionClosed",
     "ConnectionState",
+    "Command",
     "ConnectionStatistics",
     "ErrorCode",
     "Handler",
@@ -40,8 +42,11 @@ __all__ = [
     "HubOverloaded",
     "HistoryRule",
     "HubStatistics",
+    "OpHandler",
+    "ProtocolError",
     "PublishResult",
     "Recovery",
+    "Reject",
     "Request",
     "Response",
     "Server",

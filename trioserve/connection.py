@@ -14,7 +14,7 @@ import itertools
 import logging
 from collections import deque
 from collections.abc import Callable, Sequence
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import attrs
 import trio
@@ -112,6 +112,7 @@ class Connection:
         "_close_mode",
         "_close_reason",
         "_config",
+        "_data",
         "_done",
         "_drained",
         "_dropped",
@@ -158,6 +159,7 @@ class Connection:
         self.claims: Claims | None = None
         self._expires_at: float | None = None
         self._refresh_sent = False
+        self._data: dict[str, Any] | None = None
         self.state = ConnectionState.OPEN
         # None rather than an empty deque: an idle connection should not pay for one.
         self._queue: deque[tuple[bytes, int]] | None = None
@@ -542,6 +544,14 @@ class Connection:
     def closed(self) -> bool:
         """True once the transport is closed (handshake done, timed out, or aborted)."""
         return self.state is ConnectionState.CLOSED
+
+    @property
+    def data(self) -> dict[str, Any]:
+        """Your per-connection state (a nick, a rate limiter...); made on first use,
+        so connections that never use it don't pay for a dict."""
+        if self._data is None:
+            self._data = {}
+        return self._data
 
     @property
     def queued_bytes(self) -> int:

@@ -69,6 +69,8 @@ class Upgrade:
     trailing: bytes
     #: The connection token, from ``?token=`` or ``Authorization: Bearer``.
     token: str | None
+    #: The request path, which chose the handler (see ``Server.add_websocket``).
+    path: str
 
 
 def json_response(status: int, obj: Any, headers: list[tuple[bytes, bytes]] | None = None) -> Response:
@@ -220,7 +222,7 @@ def _declared_length(headers: Sequence[tuple[bytes, bytes]]) -> int:
 
 async def _upgrade(h: h11.Connection, transport: Transport, server: Server,
                    request: h11.Request, path: str, query: str) -> Upgrade | None:
-    if path != server.config.ws_path:
+    if path not in server.ws_handlers:
         await _refuse(h, transport, json_error(
             404, ErrorCode.NOT_FOUND, f"no WebSocket endpoint at {path}; use {server.config.ws_path}"))
         return None
@@ -258,7 +260,7 @@ async def _upgrade(h: h11.Connection, transport: Transport, server: Server,
         await transport.send_all(data)
     except OSError:
         return None
-    return Upgrade(bytes(trailing), _token(request.headers, query))
+    return Upgrade(bytes(trailing), _token(request.headers, query), path)
 
 
 def _header(headers: Sequence[tuple[bytes, bytes]], name: bytes) -> bytes | None:

@@ -43,7 +43,7 @@ async def push_handler(conn: Connection, server: Server) -> None:
 
 async def _handle(conn: Connection, server: Server, message: str | bytes) -> None:
     try:
-        cmd = parse_command(message)
+        cmd = parse_command(message, server.op_names)
         if conn.claims is None and cmd.op != "connect":
             # Only TCP connections start without claims, when a token is required.
             conn.start_close(CloseCode.UNAUTHORIZED,
@@ -112,6 +112,9 @@ async def _dispatch(conn: Connection, server: Server, cmd: Command) -> bytes:
         return encode_reply(cmd.id, topic=cmd.topic, clients=clients)
     if op in ("connect", "refresh"):
         return _authenticate(conn, server, cmd)
+    custom = server.ops.get(op)
+    if custom is not None:
+        return encode_reply(cmd.id, **(await custom(conn, cmd) or {}))
     # "ping": the only other op parse_command accepts.
     return encode_reply(cmd.id, op="pong")
 
@@ -121,6 +124,12 @@ def _subscribe(conn: Connection, server: Server, cmd: Command, claims: Claims) -
     topic = cmd.topic
     if not claims.may_subscribe(topic):
         raise _forbidden(cmd, f"the token does not allow subscribing to {topic}")
+    if server.on_subscribe is not None:
+        try:
+            server.on_subscribe(conn, topic)
+        except ProtocolError as exc:
+            exc.id = cmd.id
+            raise
     since = cmd.fields.get("since")
     # Recovery, subscribing and the reply happen with no checkpoint in between,
     # so no publication is both recovered and delivered live, or neither.

@@ -17,6 +17,7 @@ import logging
 import signal
 import socket
 from collections.abc import Awaitable, Callable, Iterator
+from typing import Any
 
 import attrs
 import trio
@@ -29,18 +30,30 @@ from .history import History
 from .hub import Hub, HubStatistics
 from .protocol import ndjson
 from .protocol.codes import CloseCode, ErrorCode
+from .protocol.messages import KNOWN_OPS, Command
 from .push import leave_all, push_handler
 from .tcp_connection import TcpConnection
 from .transport import SocketTransport
 from .ws_connection import WebSocketConnection
 
-__all__ = ["Handler", "Server", "ServerStatistics"]
+__all__ = ["Handler", "OpHandler", "Reject", "Server", "ServerStatistics"]
 
 log = logging.getLogger("trioserve.server")
 
 _NORMAL_CLOSES = frozenset({CloseCode.NORMAL, CloseCode.GOING_AWAY})
 
 Handler = Callable[[Connection], Awaitable[None]]
+#: A custom protocol op: returns the reply's fields (or None), or raises ProtocolError.
+OpHandler = Callable[[Connection, Command], Awaitable[dict[str, Any] | None]]
+
+
+class Reject(Exception):
+    """Raise from ``on_connect`` to refuse a connection with a close code and reason."""
+
+    def __init__(self, code: int = CloseCode.POLICY_VIOLATION, reason: str = "rejected"):
+        super().__init__(f"{code} {reason}")
+        self.code = code
+        self.reason = reason
 
 
 @attrs.frozen
@@ -93,15 +106,29 @@ class Server:
         ws_handler: Handler | None = None,
         tcp_handler: Handler | None = None,
         handle_signals: bool = False,
+        on_connect: Callable[[Connection], Awaitable[None]] | None = None,
+        on_disconnect: Callable[[Connection], None] | None = None,
+        on_subscribe: Callable[[Connection, str], None] | None = None,
     ):
         self.config = config or Config()
         self.hub = hub or Hub(self.config.hub_max_pending, History(self.config.history_for))
         #: Verifies connection tokens; None when no token key is configured.
         self.authenticator = Authenticator.from_config(self.config)
         push = functools.partial(push_handler, server=self)
-        self.ws_handler: Handler = ws_handler or push
+        #: WebSocket handlers by path; ``ws_path`` serves the push protocol by default.
+        self.ws_handlers: dict[str, Handler] = {self.config.ws_path: ws_handler or push}
         self.tcp_handler: Handler = tcp_handler or push
         self.handle_signals = handle_signals
+        #: Called after authentication and before the handler; raise :class:`Reject` to refuse.
+        self.on_connect = on_connect
+        #: Called once a connection has closed, with its subscriptions already gone.
+        self.on_disconnect = on_disconnect
+        #: Called before a push-protocol subscribe; raise ProtocolError to refuse it.
+        #: Synchronous on purpose: recovery and subscribing must not be split by a checkpoint.
+        self.on_subscribe = on_subscribe
+        self.ops: dict[str, OpHandler] = {}
+        #: ``ops``' names, kept as a frozenset for the parser on every message.
+        self.op_names: frozenset[str] = frozenset()
         #: Bound addresses per listener name, filled in before ``started``.
         self.addresses: dict[str, list[tuple[str, int]]] = {}
         #: Set when a second signal cut the drain short: the signal number.
@@ -130,6 +157,31 @@ class Server:
     @property
     def draining(self) -> bool:
         return self._draining
+
+    @property
+    def ws_handler(self) -> Handler:
+        """The handler on ``ws_path``."""
+        return self.ws_handlers[self.config.ws_path]
+
+    def add_websocket(self, path: str, handler: Handler) -> None:
+        """Serve WebSocket upgrades on *path* with ``async def handler(conn)``,
+        next to the push protocol on ``ws_path``."""
+        if not path.startswith("/"):
+            raise ValueError(f"path must start with '/', got {path!r}")
+        self.ws_handlers[path] = handler
+
+    def add_op(self, op: str, handler: OpHandler) -> None:
+        """Add ``{"op": op, ...}`` to the push protocol on both transports.
+
+        ``async def handler(conn, cmd) -> dict | None``: the dict's fields go
+        into the ``{"ok": true}`` reply (with the command's id); raise
+        ``trioserve.ProtocolError`` for an error reply. Built-in ops cannot be
+        replaced.
+        """
+        if op in KNOWN_OPS:
+            raise ValueError(f"{op!r} is a built-in op")
+        self.ops[op] = handler
+        self.op_names = frozenset(self.ops)
 
     def add_route(self, method: str, path: str, handler: http.RouteHandler) -> None:
         """Serve ``method path`` on the HTTP port with ``async def handler(request) -> Response``."""
@@ -311,7 +363,7 @@ class Server:
                 assert nursery is not None
                 conn = WebSocketConnection(transport, self.config, nursery, remote, upgrade.trailing)
                 self._authenticate(conn, upgrade.token)
-                await self._run_connection(conn, self.ws_handler)
+                await self._run_connection(conn, self.ws_handlers[upgrade.path])
         finally:
             transport.close()
             self._sockets -= 1
@@ -372,6 +424,11 @@ class Server:
             conn.start_close(CloseCode.GOING_AWAY)
         try:
             try:
+                if conn.state is ConnectionState.OPEN and self.on_connect is not None:
+                    try:
+                        await self.on_connect(conn)
+                    except Reject as exc:
+                        conn.start_close(exc.code, exc.reason)
                 if conn.state is ConnectionState.OPEN:
                     await handler(conn)
             except ConnectionClosed:
@@ -386,6 +443,11 @@ class Server:
             topics = self.hub.topics_of(conn)
             self.hub.unsubscribe_all(conn)
             leave_all(self, conn, topics)
+            if self.on_disconnect is not None:
+                try:
+                    self.on_disconnect(conn)
+                except Exception:
+                    log.exception("on_disconnect failed for %s", conn.remote)
             if conn.state is not ConnectionState.CLOSED:
                 conn.abort()
                 if self._draining:

@@ -17,6 +17,7 @@ class CloseCode(enum.IntEnum):
     PROTOCOL_ERROR = 1002
     ABNORMAL = 1006
     INVALID_DATA = 1007
+    POLICY_VIOLATION = 1008
     MESSAGE_TOO_BIG = 1009
     INTERNAL_ERROR = 1011
     TRY_AGAIN_LATER = 1013
@@ -31,6 +32,7 @@ _REASONS = {
     CloseCode.PROTOCOL_ERROR: "protocol error",
     CloseCode.ABNORMAL: "connection lost",
     CloseCode.INVALID_DATA: "invalid data",
+    CloseCode.POLICY_VIOLATION: "policy violation",
     CloseCode.MESSAGE_TOO_BIG: "message too big",
     CloseCode.INTERNAL_ERROR: "internal error",
     CloseCode.TRY_AGAIN_LATER: "server at capacity",
