@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 import attrs
 
 __all__ = [
+    "BROKER_SCHEMES",
     "HMAC_ALGORITHMS",
     "LOG_FORMATS",
     "LOG_LEVELS",
@@ -28,6 +29,7 @@ __all__ = [
     "SlowConsumerPolicy",
     "check_topic_pattern",
     "load_config",
+    "redact_url",
 ]
 
 #: Signed with ``token_secret``.
@@ -36,11 +38,16 @@ HMAC_ALGORITHMS = ("HS256", "HS384", "HS512")
 PUBLIC_KEY_ALGORITHMS = ("RS256", "RS384", "RS512", "ES256", "ES384", "PS256")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
+#: ``memory://`` is one process's hub; ``redis://`` and ``rediss://`` (TLS) span processes and hosts.
+BROKER_SCHEMES = ("memory", "redis", "rediss")
+_BROKER_FORMS = "memory:// or redis://[:password@]host:port/db (rediss:// for TLS)"
 
 # Topic names (docs/protocol.md) plus the glob characters fnmatch understands.
 _TOPIC_PATTERN = re.compile(r"[A-Za-z0-9_.:/\-*?\[\]!]{1,200}")
 _SCHEME = re.compile(r"[a-z][a-z0-9+.\-]*")
 _DEFAULT_PORTS = {"http": 80, "https": 443}
+# More processes than this on one host is a mistake, not a deployment.
+_MAX_WORKERS = 1024
 
 
 class ConfigError(ValueError):
@@ -128,6 +135,54 @@ def _one_of(choices: tuple[str, ...]) -> Callable[[object, attrs.Attribute[Any],
             raise ConfigError(f"{attr.name} must be one of {', '.join(choices)}; got {value!r}")
 
     return check
+
+
+def _check_broker(inst: object, attr: attrs.Attribute[Any], value: Any) -> None:
+    if not isinstance(value, str):
+        raise ConfigError(f"broker must be a URL string ({_BROKER_FORMS}), got {value!r}")
+    shown = redact_url(value)
+    parts = urlsplit(value)
+    scheme = parts.scheme.lower()
+    if scheme not in BROKER_SCHEMES or "://" not in value:
+        raise ConfigError(f"broker {shown!r} is not a broker URL; use {_BROKER_FORMS}")
+    if scheme == "memory":
+        if value.lower() != "memory://":
+            raise ConfigError(f"broker {shown!r}: memory:// takes no host, path or options")
+        return
+    try:
+        port = parts.port
+    except ValueError:
+        raise ConfigError(f"broker {shown!r} has an invalid port; e.g. redis://127.0.0.1:6379/0") from None
+    if not parts.hostname:
+        raise ConfigError(f"broker {shown!r} has no host; e.g. redis://127.0.0.1:6379/0")
+    if port == 0:
+        raise ConfigError(f"broker {shown!r} has port 0; Redis listens on 6379 by default")
+    db = parts.path[1:] if parts.path.startswith("/") else parts.path
+    if db and not db.isdigit():
+        raise ConfigError(f"broker {shown!r}: the path is the Redis database number, "
+                          f"e.g. /0, not {parts.path!r}")
+    if parts.fragment:
+        raise ConfigError(f"broker {shown!r}: drop the #fragment")
+
+
+def redact_url(url: str) -> str:
+    """*url* with its password, if any, replaced by ``***``: fit for logs and errors."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.netloc.rpartition("@")[2]
+    return parts._replace(netloc=f"{user}:***@{host}").geturl()
+
+
+def _workers(inst: object, attr: attrs.Attribute[Any], value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= _MAX_WORKERS:
+        raise ConfigError(f"workers must be an integer 1-{_MAX_WORKERS}, got {value!r}")
+
+
+def _worker_id(inst: object, attr: attrs.Attribute[Any], value: Any) -> None:
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+        raise ConfigError(f"worker_id must be an integer >= 1 or unset, got {value!r}")
 
 
 def _policy(value: Any) -> Any:
@@ -258,6 +313,20 @@ class Config:
     #: Set SO_REUSEPORT on listening sockets (for several processes on one port).
     reuse_port: bool = False
 
+    # --- workers and broker ----------------------------------------------------------------
+    #: Worker processes sharing the ports (``trioserve serve --workers``); more than 1 needs
+    #: a broker that spans processes.
+    workers: int = attrs.field(default=1, validator=_workers)
+    #: ``memory://`` (this process only), or ``redis://[:password@]host:port/db`` /
+    #: ``rediss://`` (TLS) to share topics, offsets and history between processes and hosts.
+    broker: str = attrs.field(default="memory://", validator=_check_broker)
+    #: Redis password, kept out of the URL (and so out of ``ps`` and logs).
+    broker_password: str | None = attrs.field(default=None, validator=_optional_text, repr=False)
+    #: Which worker this process is (1..workers); set by the supervisor, never by users,
+    #: so it has no config key, variable or flag. None in a single-process server.
+    worker_id: int | None = attrs.field(default=None, validator=_worker_id,
+                                        metadata={"loadable": False})
+
     # --- auth ---------------------------------------------------------------------------
     #: Shared secret for HS256/384/512 client tokens.
     token_secret: str | None = attrs.field(default=None, validator=_optional_text)
@@ -311,6 +380,24 @@ class Config:
         self._check_auth()
         for origin in self.allowed_origins:
             _check_origin(origin)
+        self._check_workers()
+
+    def _check_workers(self) -> None:
+        memory = self.broker.lower() == "memory://"
+        if self.workers > 1 and memory:
+            raise ConfigError(
+                f"workers = {self.workers} needs a broker that spans processes, or each worker "
+                "would have its own hub and miss the others' publications: add "
+                "--broker redis://host:6379/0, or use --workers 1")
+        if self.broker_password is not None:
+            if memory:
+                raise ConfigError("broker_password is set but broker is memory://, which has no "
+                                  "password; set broker = redis://host:6379/0 or drop broker_password")
+            if urlsplit(self.broker).password is not None:
+                raise ConfigError("the broker URL has a password and broker_password is set too; "
+                                  "keep one (broker_password keeps it out of the URL)")
+        if self.worker_id is not None and self.worker_id > self.workers:
+            raise ConfigError(f"worker_id {self.worker_id} is over workers = {self.workers}")
 
     def _check_auth(self) -> None:
         if self.token_secret is not None and self.token_public_key is not None:

@@ -73,6 +73,14 @@ _HELP: tuple[tuple[str, str, str, Any], ...] = (
     ("listeners", "ws_path", "Path of the WebSocket endpoint on the HTTP port.", None),
     ("listeners", "backlog", "listen() backlog; the kernel caps it at net.core.somaxconn.", None),
     ("listeners", "reuse_port", "Set SO_REUSEPORT, so several server processes can share the port.", None),
+    ("workers", "workers",
+     "Worker processes sharing the ports (each with its own fd limit); over 1 needs a redis broker.",
+     None),
+    ("workers", "broker",
+     'Where publications travel: "memory://" (one process), or "redis://host:6379/0" '
+     '("rediss://" for TLS) to span worker processes and hosts.', None),
+    ("workers", "broker_password",
+     "Redis password, kept out of the broker URL (prefer TRIOSERVE_BROKER_PASSWORD).", "CHANGE-ME"),
     ("publishing", "client_publish",
      'Let connected clients publish with {"op":"publish"}; the HTTP API always can.', None),
     ("publishing", "api_key",
@@ -144,7 +152,8 @@ def _kind(field_type: Any) -> tuple[Kind, bool]:
 
 
 def _options() -> dict[str, Option]:
-    loadable = {f.name: (*_kind(f.type), f.default) for f in attrs.fields(attrs.resolve_types(Config))}
+    loadable = {f.name: (*_kind(f.type), f.default) for f in attrs.fields(attrs.resolve_types(Config))
+                if f.metadata.get("loadable", True)}
     loadable[KEY_FILE] = (Kind.STR, True, None)
     documented = {name: (section, text, example) for section, name, text, example in _HELP}
     # Documented order first; an undocumented field still loads (a test flags it).

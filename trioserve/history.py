@@ -6,15 +6,13 @@ added to the topic in one step with no checkpoint between them: every later
 publication reaches it live, every earlier one came from history, and none
 does both.
 
-The epoch names this history's lifetime. The in-memory history dies with the
-process, so each process starts a new epoch; a client that presents an old
-epoch learns that its gap cannot be known, rather than silently missing
-publications.
+The epoch that names a history's lifetime belongs to the broker (one per
+process for the memory broker, one per topic in Redis); this module only
+knows offsets.
 """
 
 from __future__ import annotations
 
-import secrets
 from collections import deque
 from collections.abc import Callable
 
@@ -43,7 +41,6 @@ class History:
 
     def __init__(self, policy: Policy):
         self.policy = policy
-        self.epoch = secrets.token_hex(8)
         # topic -> (entries of (offset, payload, published_at), size, ttl)
         self._topics: dict[str, tuple[deque[tuple[int, bytes, float]], int, float]] = {}
         self._positions: dict[str, int] = {}
@@ -64,24 +61,35 @@ class History:
         entries.append((offset, payload, now))
         self._expire(entries, ttl, now)
 
-    def since(self, topic: str, epoch: str, offset: int, now: float, limit: int | None = None) -> Recovery:
-        """What follows *offset* in *topic*, if history still covers all of it."""
+    def reset(self, topic: str, position: int) -> None:
+        """Start *topic* afresh at *position* (a node joining a topic in Redis)."""
+        self._topics.pop(topic, None)
+        self._positions[topic] = position
+
+    def forget(self, topic: str) -> None:
+        self._topics.pop(topic, None)
+        self._positions.pop(topic, None)
+
+    def since(self, topic: str, offset: int, now: float, limit: int | None = None
+              ) -> tuple[bool, tuple[bytes, ...]]:
+        """What follows *offset* in *topic*: (complete, payloads), where complete
+        means history still covers everything up to the position."""
         position = self.position(topic)
-        if epoch != self.epoch or not 0 <= offset <= position:
-            return Recovery(False, self.epoch, position, ())
+        if not 0 <= offset <= position:
+            return False, ()
         if offset == position:
-            return Recovery(True, self.epoch, position, ())
+            return True, ()
         held = self._topics.get(topic)
         if held is None:
-            return Recovery(False, self.epoch, position, ())
+            return False, ()
         entries, _, ttl = held
         self._expire(entries, ttl, now)
         if not entries or entries[0][0] > offset + 1:
-            return Recovery(False, self.epoch, position, ())
+            return False, ()
         missed = [payload for off, payload, _ in entries if off > offset]
         if limit is not None:
             missed = missed[:limit]
-        return Recovery(True, self.epoch, position, tuple(missed))
+        return True, tuple(missed)
 
     def after(self, topic: str, offset: int, now: float, limit: int) -> tuple[tuple[bytes, ...], bool]:
         """Up to *limit* held publications after *offset*, and whether history

@@ -18,6 +18,7 @@ import h11
 import orjson
 import trio
 
+from .brokers import BrokerUnavailable
 from .hub import HubClosed, HubOverloaded
 from .protocol import websocket
 from .protocol.codes import ErrorCode
@@ -319,10 +320,17 @@ def push_routes(server: Server) -> dict[tuple[str, str], RouteHandler]:
             topic = validate_topic(body.get("topic"))
         except ProtocolError as exc:
             return json_error(400, exc.code, exc.message)
+        hub = server.hub
         try:
-            result = server.hub.publish_nowait(topic, body["data"])
+            if hub.broker.synchronous:
+                result = hub.publish_nowait(topic, body["data"])
+            else:
+                result = await hub.publish(topic, body["data"])
         except HubClosed:
             return json_error(503, ErrorCode.UNAVAILABLE, "server is draining")
+        except BrokerUnavailable as exc:
+            return json_error(503, ErrorCode.UNAVAILABLE, f"broker unavailable: {exc}",
+                              [(b"retry-after", b"1")])
         except HubOverloaded as exc:
             return json_error(503, ErrorCode.UNAVAILABLE, f"overloaded: {exc}",
                               [(b"retry-after", b"1")])
@@ -349,9 +357,12 @@ def push_routes(server: Server) -> dict[tuple[str, str], RouteHandler]:
             return json_error(400, ErrorCode.BAD_REQUEST,
                               "since must be an integer >= 0 and limit 1-1000")
         hub = server.hub
-        publications, complete = hub.history_after(topic, since, limit)
+        try:
+            publications, complete = await hub.history_page(topic, since, limit)
+        except BrokerUnavailable as exc:
+            return json_error(503, ErrorCode.UNAVAILABLE, f"broker unavailable: {exc}")
         return json_response(200, {
-            "ok": True, "topic": topic, "epoch": hub.epoch, "offset": hub.position(topic),
+            "ok": True, "topic": topic, "epoch": hub.epoch_of(topic), "offset": hub.position(topic),
             "complete": complete, "publications": [orjson.Fragment(p) for p in publications],
         })
 

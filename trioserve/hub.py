@@ -24,8 +24,9 @@ from typing import TYPE_CHECKING, Any
 import attrs
 import trio
 
+from .brokers import Broker
+from .brokers.memory import MemoryBroker
 from .history import History, Recovery
-from .protocol.messages import encode_publication
 
 if TYPE_CHECKING:
     from .connection import Connection, Framing
@@ -81,15 +82,17 @@ class Hub:
     ``await nursery.start(hub.run)`` starts the fan-out task.
     """
 
-    def __init__(self, max_pending: int = 100_000, history: History | None = None):
+    def __init__(self, max_pending: int = 100_000, history: History | None = None,
+                 broker: Broker | None = None):
         self.max_pending = max_pending
         self.history = history or History(lambda topic: (DEFAULT_HISTORY_SIZE, DEFAULT_HISTORY_TTL))
+        self.broker: Broker = broker or MemoryBroker()
+        self.broker.attach(self)
         self._topics: dict[str, dict[Framing, set[Connection]]] = {}
         # Kept on the hub side so an idle, unsubscribed connection carries nothing.
         # Most connections have one topic: that is stored as the str itself,
         # since an empty set alone costs 216 bytes per connection.
         self._by_conn: dict[Connection, str | set[str]] = {}
-        self._offsets: dict[str, int] = {}
         self._inbox: deque[tuple[str, int, bytes, float]] = deque()
         self._wake = trio.lowlevel.ParkingLot()
         self._space = trio.lowlevel.ParkingLot()
@@ -150,14 +153,15 @@ class Hub:
             del by_framing[conn.framing]
             if not by_framing:
                 del self._topics[topic]
+                self.broker.leave(topic)
 
     def topics_of(self, conn: Connection) -> frozenset[str]:
         held = self._by_conn.get(conn)
         return frozenset((held,) if isinstance(held, str) else held or ())
 
     def offset(self, topic: str) -> int:
-        """The offset of the last publication to *topic* (0 if none)."""
-        return self._offsets.get(topic, 0)
+        """The offset of the last publication to *topic* this process knows of."""
+        return max(self.broker.offset(topic), self.position(topic))
 
     def position(self, topic: str) -> int:
         """The offset of the last publication to *topic* already fanned out.
@@ -168,15 +172,53 @@ class Hub:
 
     @property
     def epoch(self) -> str:
-        return self.history.epoch
+        """The epoch of topics under the memory broker (one per process)."""
+        return self.broker.epoch("")
 
-    def recover(self, topic: str, epoch: str, offset: int, limit: int | None = None) -> Recovery:
+    def epoch_of(self, topic: str) -> str:
+        return self.broker.epoch(topic)
+
+    def recover(
+        self,
+        topic: str,
+        epoch: str,
+        offset: int,
+        limit: int | None = None,
+        fetched: tuple[list[tuple[int, bytes]], int] | None = None,
+    ) -> Recovery:
         """What a subscriber that last saw ``(epoch, offset)`` of *topic* missed.
 
-        Call it and :meth:`subscribe` with no checkpoint in between, and the
-        subscriber sees every publication exactly once.
+        *fetched* is what the broker returned from :meth:`Broker.fetch` for a
+        gap older than this node's own history. Call this and :meth:`subscribe`
+        with no checkpoint in between, and the subscriber sees every
+        publication exactly once: what is fanned out later reaches it live.
         """
-        return self.history.since(topic, epoch, offset, trio.current_time(), limit)
+        current = self.broker.epoch(topic)
+        position = self.position(topic)
+        if epoch != current or offset > position:
+            return Recovery(False, current, position, ())
+        publications: list[bytes] = []
+        start = offset
+        if fetched is not None:
+            entries, upto = fetched
+            publications = [payload for off, payload in entries if off <= position]
+            start = max(offset, min(upto, position))
+        complete, local = self.history.since(topic, start, trio.current_time())
+        if not complete:
+            return Recovery(False, current, position, ())
+        publications.extend(local)
+        if limit is not None:
+            publications = publications[:limit]
+        return Recovery(True, current, position, tuple(publications))
+
+    async def history_page(self, topic: str, after: int, limit: int) -> tuple[tuple[bytes, ...], bool]:
+        """Up to *limit* publications of *topic* after offset *after*, and whether
+        history still reaches back to ``after + 1`` (for ``GET /api/history``)."""
+        if self.broker.synchronous:
+            return self.history_after(topic, after, limit)
+        entries, upto = await self.broker.fetch(topic, after, limit)
+        complete = (bool(entries) and entries[0][0] == after + 1) or (not entries and upto <= after)
+        return tuple(p for _, p in entries[:limit]), complete
 
     def history_after(self, topic: str, offset: int, limit: int) -> tuple[tuple[bytes, ...], bool]:
         """Held publications of *topic* after *offset* (at most *limit*), and
@@ -211,18 +253,23 @@ class Hub:
             raise HubClosed("the server is draining")
         if len(self._inbox) >= self.max_pending:
             raise HubOverloaded(f"{len(self._inbox)} publications waiting for fan-out")
-        offset = self._offsets.get(topic, 0) + 1
-        payload = encode_publication(topic, offset, data)
-        self._offsets[topic] = offset
-        self._inbox.append((topic, offset, payload, trio.current_time()))
-        self._publications += 1
-        if self._wake:
-            self._wake.unpark_all()
+        if not self.broker.synchronous:
+            raise RuntimeError("this hub's broker publishes over the network: use await hub.publish()")
+        offset = self.broker.publish_nowait(topic, data)
         return PublishResult(offset, self.subscriber_count(topic))
 
     async def publish(self, topic: str, data: Any) -> PublishResult:
-        """Publish, waiting while the inbox is full (backpressure, like a Go channel send)."""
+        """Publish, waiting while the inbox is full (backpressure, like a Go channel send).
+
+        Raises :class:`HubClosed` when draining and
+        :class:`~trioserve.brokers.BrokerUnavailable` when the broker is down.
+        """
         await trio.lowlevel.checkpoint_if_cancelled()
+        if not self.broker.synchronous:
+            if self._closed:
+                raise HubClosed("the server is draining")
+            offset = await self.broker.publish(topic, data)
+            return PublishResult(offset, self.subscriber_count(topic))
         while True:
             try:
                 result = self.publish_nowait(topic, data)
@@ -231,6 +278,18 @@ class Hub:
                 continue
             await trio.lowlevel.cancel_shielded_checkpoint()
             return result
+
+    def deliver_nowait(self, topic: str, offset: int, payload: bytes) -> None:
+        """Queue a publication for fan-out; brokers call this in offset order."""
+        self._inbox.append((topic, offset, payload, trio.current_time()))
+        self._publications += 1
+        if self._wake:
+            self._wake.unpark_all()
+
+    async def wait_for_space(self) -> None:
+        """Wait while the inbox is full (a broker reading from the network calls this)."""
+        while len(self._inbox) >= self.max_pending and not self._closed:
+            await self._space.park()
 
     def close(self) -> None:
         """Refuse new publications; those already accepted are still delivered."""

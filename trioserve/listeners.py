@@ -49,11 +49,14 @@ def fd_budget(soft_limit: int) -> int:
     return max(soft_limit - FD_RESERVE, 1)
 
 
-def bind_listeners(host: str, port: int, backlog: int, reuse_port: bool = False) -> list[socket.socket]:
+def bind_listeners(host: str, port: int, backlog: int, reuse_port: bool = False, *,
+                   listen: bool = True) -> list[socket.socket]:
     """Bind and listen on every address *host* resolves to (e.g. 127.0.0.1 and ::1).
 
     With port 0 the first socket picks a free port and the others reuse it.
     Raises OSError with the address in the message, so "address in use" says which.
+    With ``listen=False`` the sockets are only bound: with *reuse_port* that
+    reserves the port for other processes' listeners without taking connections.
     """
     infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     seen: set[tuple[int, tuple[object, ...]]] = set()
@@ -77,7 +80,8 @@ def bind_listeners(host: str, port: int, backlog: int, reuse_port: bool = False)
             except OSError as exc:
                 where = f"{addr[0]!s}:{addr[1]!s}"
                 raise OSError(exc.errno, f"cannot listen on {where}: {exc.strerror}") from None
-            sock.listen(backlog)
+            if listen:
+                sock.listen(backlog)
             sock.setblocking(False)
     except BaseException:
         for s in socks:

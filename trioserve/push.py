@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from .auth import AuthError, Claims
+from .brokers import BrokerUnavailable
 from .hub import HubClosed, HubOverloaded
 from .protocol.codes import CloseCode, ErrorCode
 from .protocol.messages import (
@@ -83,7 +84,7 @@ async def _dispatch(conn: Connection, server: Server, cmd: Command) -> bytes:
     assert claims is not None or op == "connect"
     if op == "subscribe":
         assert claims is not None
-        return _subscribe(conn, server, cmd, claims)
+        return await _subscribe(conn, server, cmd, claims)
     if op == "unsubscribe":
         if hub.unsubscribe(conn, cmd.topic) and server.config.presence_events_for(cmd.topic):
             hub.send_event(cmd.topic, _presence_event("leave", cmd.topic, conn))
@@ -95,13 +96,16 @@ async def _dispatch(conn: Connection, server: Server, cmd: Command) -> bytes:
             raise _forbidden(cmd, "client publish is disabled on this server (--client-publish)"
                              if claims.anonymous else f"the token does not allow publishing to {cmd.topic}")
         try:
-            try:
-                # No checkpoint on the common path: a burst read in one chunk
-                # lands in the hub together and goes out as one batch.
-                result = hub.publish_nowait(cmd.topic, cmd.fields["data"])
-            except HubOverloaded:
+            if hub.broker.synchronous:
+                try:
+                    # No checkpoint on the common path: a burst read in one chunk
+                    # lands in the hub together and goes out as one batch.
+                    result = hub.publish_nowait(cmd.topic, cmd.fields["data"])
+                except HubOverloaded:
+                    result = await hub.publish(cmd.topic, cmd.fields["data"])
+            else:
                 result = await hub.publish(cmd.topic, cmd.fields["data"])
-        except HubClosed as exc:
+        except (HubClosed, BrokerUnavailable) as exc:
             raise ProtocolError(ErrorCode.UNAVAILABLE, str(exc), cmd.id) from None
         return encode_reply(cmd.id, offset=result.offset, subscribers=result.subscribers)
     if op == "presence":
@@ -119,7 +123,7 @@ async def _dispatch(conn: Connection, server: Server, cmd: Command) -> bytes:
     return encode_reply(cmd.id, op="pong")
 
 
-def _subscribe(conn: Connection, server: Server, cmd: Command, claims: Claims) -> bytes:
+async def _subscribe(conn: Connection, server: Server, cmd: Command, claims: Claims) -> bytes:
     hub = server.hub
     topic = cmd.topic
     if not claims.may_subscribe(topic):
@@ -131,12 +135,23 @@ def _subscribe(conn: Connection, server: Server, cmd: Command, claims: Claims) -
             exc.id = cmd.id
             raise
     since = cmd.fields.get("since")
+    fetched = None
+    if not hub.broker.synchronous:
+        # A network broker: make sure this node receives the topic, and fetch
+        # the part of the gap older than this node's own history. Only then
+        # the synchronous part below.
+        try:
+            await hub.broker.join(topic)
+            if since is not None and since["epoch"] == hub.epoch_of(topic):
+                fetched = await hub.broker.fetch(topic, since["offset"])
+        except BrokerUnavailable as exc:
+            raise ProtocolError(ErrorCode.UNAVAILABLE, str(exc), cmd.id) from None
     # Recovery, subscribing and the reply happen with no checkpoint in between,
     # so no publication is both recovered and delivered live, or neither.
     if since is None:
-        fields: dict[str, Any] = {"epoch": hub.epoch, "offset": hub.position(topic)}
+        fields: dict[str, Any] = {"epoch": hub.epoch_of(topic), "offset": hub.position(topic)}
     else:
-        recovery = hub.recover(topic, since["epoch"], since["offset"])
+        recovery = hub.recover(topic, since["epoch"], since["offset"], fetched=fetched)
         recovered = recovery.recovered
         if sum(len(p) for p in recovery.publications) > MAX_RECOVERY_BYTES:
             # Too big for one reply to pass common clients' 1 MiB message limit:

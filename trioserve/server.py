@@ -24,6 +24,7 @@ import trio
 
 from . import http, listeners
 from .auth import ANONYMOUS, Authenticator, AuthError
+from .brokers import make_broker
 from .config import Config
 from .connection import Connection, ConnectionClosed, ConnectionState
 from .history import History
@@ -111,7 +112,8 @@ class Server:
         on_subscribe: Callable[[Connection, str], None] | None = None,
     ):
         self.config = config or Config()
-        self.hub = hub or Hub(self.config.hub_max_pending, History(self.config.history_for))
+        self.hub = hub or Hub(self.config.hub_max_pending, History(self.config.history_for),
+                              make_broker(self.config))
         #: Verifies connection tokens; None when no token key is configured.
         self.authenticator = Authenticator.from_config(self.config)
         push = functools.partial(push_handler, server=self)
@@ -227,6 +229,7 @@ class Server:
             self._log_listening()
             async with trio.open_nursery() as root:
                 await root.start(self.hub.run)
+                await root.start(self.hub.broker.run)
                 if self.handle_signals:
                     root.start_soon(self._watch_signals, root)
                 async with trio.open_nursery() as listener_nursery:

@@ -13,6 +13,7 @@ import itertools
 import re
 import socket
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jwt
@@ -242,30 +243,50 @@ async def test_cut_connection_mid_stream_recovers_every_offset_once(start_server
     assert stats.gaps == 0
 
 
+async def publish_bulk_until(rs: Any, done: Callable[[], bool], extra: int = 0) -> int:
+    """Publish ``{"i": i, "pad": ...}`` (2 KB each) to "bulk" until *done()*, then
+    *extra* more; how many in all.
+
+    Stopping as soon as the server acts keeps what the client must recover
+    small: a recovering reply carries at most about 1 MiB.
+    """
+    hub = rs.server.hub
+    n = 0
+    while not done():
+        await hub.publish("bulk", {"i": n, "pad": "x" * 2000})
+        await hub.flush()
+        n += 1
+    for _ in range(extra):
+        await hub.publish("bulk", {"i": n, "pad": "x" * 2000})
+        n += 1
+    return n
+
+
+async def read_bulk(rs: Any, sub: Subscription, n: int) -> list[int]:
+    """The offsets *sub* yields up to n + 1, checking each one's data. Offset
+    n + 1 is published on seeing n, so any offset repeated would come before it."""
+    offsets: list[int] = []
+    async for pub in sub:
+        assert pub.data["i"] == pub.offset - 1
+        offsets.append(pub.offset)
+        if pub.offset == n:
+            rs.server.hub.publish_nowait("bulk", {"i": n})
+        if pub.offset == n + 1:
+            break
+    return offsets
+
+
 async def test_slow_consumer_backpressure_then_4008_then_recovery(start_server: Any) -> None:
-    """A consumer that stops reading holds the reader back (nothing is dropped);
+    """A consumer that does not read holds the reader back (nothing is dropped);
     the server eventually closes the client as a slow consumer, and the client
     reconnects and recovers the rest from history."""
-    n = 3000
-    rs = await start_server(history_size=n, queue_max_frames=50, queue_max_bytes=64 * 1024)
-    hub = rs.server.hub
-    payload = "x" * 2000
-    offsets: list[int] = []
+    rs = await start_server(history_size=100_000, queue_max_frames=50, queue_max_bytes=64 * 1024)
     with trio.fail_after(LIMIT):
         async with connect(rs.ws_url, buffer_size=4) as c, c.subscribe("bulk") as sub:
-            for i in range(n):
-                await hub.publish("bulk", {"i": i, "pad": payload})
-            async for pub in sub:
-                if not offsets:
-                    # Stop reading until the server gives up on this connection.
-                    await wait_until(lambda: any(conn.state is ConnectionState.CLOSING
-                                                 for conn in rs.server.connections), what="a 4008 close")
-                assert pub.data["i"] == pub.offset - 1
-                offsets.append(pub.offset)
-                if pub.offset == n:
-                    hub.publish_nowait("bulk", {"i": n})  # anything repeated would come before it
-                if pub.offset == n + 1:
-                    break
+            (conn,) = rs.server.connections
+            # Published while the client is away, too: recovered, never sent live.
+            n = await publish_bulk_until(rs, lambda: conn.state is not ConnectionState.OPEN, extra=20)
+            offsets = await read_bulk(rs, sub, n)
             stats = c.statistics()
     assert offsets == list(range(1, n + 2))
     assert stats.reconnects >= 1 and stats.gaps == 0
@@ -275,26 +296,13 @@ async def test_dropped_publications_are_recovered_without_reconnecting(start_ser
     """With the drop-oldest policy the server keeps a slow connection and drops
     queued publications; the client sees the offsets jump and fetches the
     missing ones from history on the same connection."""
-    n = 3000
-    rs = await start_server(history_size=n, queue_max_frames=50, queue_max_bytes=64 * 1024,
+    rs = await start_server(history_size=100_000, queue_max_frames=50, queue_max_bytes=64 * 1024,
                             slow_consumer_policy="drop-oldest")
-    hub = rs.server.hub
-    payload = "x" * 2000
-    offsets: list[int] = []
     with trio.fail_after(LIMIT):
         async with connect(rs.ws_url, buffer_size=4) as c, c.subscribe("bulk") as sub:
-            for i in range(n):
-                await hub.publish("bulk", {"i": i, "pad": payload})
-            await hub.flush()
             (conn,) = rs.server.connections
-            await wait_until(lambda: conn.statistics().dropped_frames > 0, what="dropped publications")
-            async for pub in sub:
-                assert pub.data["i"] == pub.offset - 1
-                offsets.append(pub.offset)
-                if pub.offset == n:
-                    hub.publish_nowait("bulk", {"i": n})  # anything repeated would come before it
-                if pub.offset == n + 1:
-                    break
+            n = await publish_bulk_until(rs, lambda: conn.statistics().dropped_frames > 0)
+            offsets = await read_bulk(rs, sub, n)
             stats = c.statistics()
     assert offsets == list(range(1, n + 2))
     # Publications that arrived live after the jump were also among the
@@ -419,14 +427,15 @@ async def test_silent_server_is_detected_by_the_heartbeat(autojump_clock: Any) -
             nursery.start_soon(upgrade_then_ignore, trio.SocketStream(sock))
 
     async def upgrade_then_ignore(stream: trio.SocketStream) -> None:
-        request = b""
-        while b"\r\n\r\n" not in request:
-            request += await stream.receive_some(4096)
-        key = re.search(rb"(?i)sec-websocket-key: *(\S+)", request).group(1)  # type: ignore[union-attr]
-        accept = base64.b64encode(hashlib.sha1(key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest())
-        await stream.send_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
-                              b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept + b"\r\n\r\n")
-        await trio.sleep_forever()
+        async with stream:
+            request = b""
+            while b"\r\n\r\n" not in request:
+                request += await stream.receive_some(4096)
+            key = re.search(rb"(?i)sec-websocket-key: *(\S+)", request).group(1)  # type: ignore[union-attr]
+            accept = base64.b64encode(hashlib.sha1(key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest())
+            await stream.send_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                                  b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept + b"\r\n\r\n")
+            await trio.sleep_forever()
 
     with trio.fail_after(100):
         async with trio.open_nursery() as nursery:

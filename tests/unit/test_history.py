@@ -17,62 +17,58 @@ def fill(h: History, topic: str, n: int, start: float = 0.0, step: float = 1.0) 
 def test_recovers_exactly_what_was_missed() -> None:
     h = make()
     fill(h, "t", 4)
-    r = h.since("t", h.epoch, 1, now=4)
-    assert r.recovered and r.offset == 4 and r.epoch == h.epoch
-    assert r.publications == (b"p2", b"p3", b"p4")
+    assert h.since("t", 1, now=4) == (True, (b"p2", b"p3", b"p4"))
+    assert h.position("t") == 4
 
 
 def test_nothing_missed_is_a_recovery() -> None:
     h = make()
     fill(h, "t", 3)
-    r = h.since("t", h.epoch, 3, now=3)
-    assert r.recovered and r.publications == () and r.offset == 3
+    assert h.since("t", 3, now=3) == (True, ())
 
 
 def test_unknown_topic_at_offset_zero_is_a_recovery() -> None:
-    h = make()
-    r = h.since("new", h.epoch, 0, now=0)
-    assert r.recovered and r.offset == 0
+    assert make().since("new", 0, now=0) == (True, ())
 
 
-def test_another_epoch_cannot_be_recovered() -> None:
+def test_reset_starts_a_topic_at_a_position() -> None:
     h = make()
     fill(h, "t", 3)
-    r = h.since("t", "some-other-epoch", 1, now=3)
-    assert not r.recovered and r.epoch == h.epoch and r.offset == 3 and r.publications == ()
-    assert make().epoch != h.epoch  # a new process, a new epoch
+    h.reset("t", 40)  # a node joining a topic in Redis at offset 40
+    assert h.position("t") == 40 and h.retained("t") == 0
+    assert h.since("t", 40, now=0) == (True, ())
+    assert h.since("t", 39, now=0) == (False, ())
+    h.append("t", 41, b"p41", 1)
+    assert h.since("t", 40, now=1) == (True, (b"p41",))
 
 
 def test_gap_older_than_the_ring_cannot_be_recovered() -> None:
     h = make(size=5)
     fill(h, "t", 10)  # holds 6..10
     assert h.retained("t") == 5
-    assert not h.since("t", h.epoch, 4, now=10).recovered
-    r = h.since("t", h.epoch, 5, now=10)
-    assert r.recovered and r.publications == (b"p6", b"p7", b"p8", b"p9", b"p10")
+    assert not h.since("t", 4, now=10)[0]
+    assert h.since("t", 5, now=10) == (True, (b"p6", b"p7", b"p8", b"p9", b"p10"))
 
 
 def test_ttl_expires_old_publications() -> None:
     h = make(size=100, ttl=10)
     fill(h, "t", 5, start=0, step=5)  # published at 0, 5, 10, 15, 20
-    r = h.since("t", h.epoch, 2, now=21)  # 3 (t=10) is older than 11: gone
-    assert not r.recovered
-    r = h.since("t", h.epoch, 3, now=21)
-    assert r.recovered and r.publications == (b"p4", b"p5")
+    assert not h.since("t", 2, now=21)[0]  # 3 (t=10) is older than 11: gone
+    assert h.since("t", 3, now=21) == (True, (b"p4", b"p5"))
 
 
 def test_offsets_from_the_future_are_refused() -> None:
     h = make()
     fill(h, "t", 2)
-    assert not h.since("t", h.epoch, 7, now=2).recovered
+    assert not h.since("t", 7, now=2)[0]
 
 
 def test_size_zero_keeps_no_history_but_tracks_position() -> None:
     h = make(size=0)
     fill(h, "t", 3)
     assert h.position("t") == 3 and h.retained("t") == 0
-    assert not h.since("t", h.epoch, 1, now=3).recovered
-    assert h.since("t", h.epoch, 3, now=3).recovered
+    assert not h.since("t", 1, now=3)[0]
+    assert h.since("t", 3, now=3)[0]
 
 
 def test_after_reports_completeness() -> None:

@@ -13,7 +13,7 @@ See docs/client.md for reconnection, recovery and gap handling.
 from __future__ import annotations
 
 from ..hub import PublishResult
-from ._client import Client, GapHandler, PresenceHandler, Subscription, TokenProvider, connect
+from ._client import Client, TokenProvider, connect
 from ._errors import (
     ClientClosed,
     ClientError,
@@ -23,14 +23,8 @@ from ._errors import (
     ServerError,
     Unauthorized,
 )
-from ._models import (
-    ClientInfo,
-    ClientState,
-    ClientStatistics,
-    PresenceEvent,
-    Publication,
-    StreamPosition,
-)
+from ._models import ClientInfo, ClientState, ClientStatistics, PresenceEvent, Publication, StreamPosition
+from ._subscription import GapHandler, PresenceHandler, Subscription
 
 __all__ = [
     "Client",

@@ -2,15 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = [
-    "ClientClosed",
-    "ClientError",
-    "ConnectError",
-    "ConnectionLost",
-    "RecoveryGap",
-    "ServerError",
-    "Unauthorized",
-]
+from typing import Any
 
 
 class ClientError(Exception):
@@ -121,3 +113,11 @@ class RecoveryGap(ClientError):
             why = "the server's history does not reach back far enough"
         return (f"topic {self.topic!r}: publications after offset {self.last_offset} were lost "
                 f"({why}); continuing after offset {self.new_offset}")
+
+
+def server_error(reply: dict[str, Any]) -> ServerError:
+    """The :class:`ServerError` for an error reply (or for a reply that makes no sense)."""
+    error = reply.get("error")
+    if isinstance(error, dict):
+        return ServerError(str(error.get("code", "unknown")), str(error.get("message", "")))
+    return ServerError("unknown", f"unexpected reply {reply!r:.200}")

@@ -7,15 +7,6 @@ from typing import Any
 
 import attrs
 
-__all__ = [
-    "ClientInfo",
-    "ClientState",
-    "ClientStatistics",
-    "PresenceEvent",
-    "Publication",
-    "StreamPosition",
-]
-
 
 @attrs.frozen
 class Publication:
@@ -80,6 +71,11 @@ class PresenceEvent:
 
 def _str_or_none(value: Any) -> str | None:
     return None if value is None else str(value)
+
+
+def int_or_zero(value: Any) -> int:
+    """An integer field of a reply, 0 when the server left it out."""
+    return value if isinstance(value, int) else 0
 
 
 class ClientState(enum.Enum):
