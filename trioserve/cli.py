@@ -38,6 +38,8 @@ log = logging.getLogger("trioserve.cli")
 
 _DEFAULTS = Config()
 _TEXT_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+# With --workers, every line says which process wrote it: "w2", or "sup" for the supervisor.
+_TAGGED_FORMAT = "%(asctime)s %(levelname)-7s %(process_tag)s %(name)s: %(message)s"
 _SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 # RFC 7518 3.2: an HMAC key at least as long as the hash output.
 _HMAC_MIN_BYTES = {"HS256": 32, "HS384": 48, "HS512": 64}
@@ -106,6 +108,9 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
+        tag = getattr(record, "process_tag", None)
+        if tag is not None:
+            entry["process"] = tag
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
         elif record.exc_text:
@@ -115,9 +120,25 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False, default=str)
 
 
-def _setup_logging(config: Config) -> None:
+class _ProcessTag(logging.Filter):
+    def __init__(self, tag: str):
+        super().__init__()
+        self.tag = tag
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.process_tag = self.tag
+        return True
+
+
+def _setup_logging(config: Config, tag: str | None = None) -> None:
+    """Log to stderr; *tag* ("sup", "w1"...) marks each line of a multi-process server."""
     handler = logging.StreamHandler()
-    handler.setFormatter(JsonFormatter() if config.log_format == "json" else logging.Formatter(_TEXT_FORMAT))
+    if config.log_format == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter(_TEXT_FORMAT if tag is None else _TAGGED_FORMAT))
+    if tag is not None:
+        handler.addFilter(_ProcessTag(tag))
     logging.basicConfig(level=config.log_level.upper(), handlers=[handler])
 
 
@@ -156,6 +177,12 @@ def main() -> None:
          help="HTTP + WebSocket port (WebSocket at /ws). 0 picks a free port.")
 @_option("--tcp-port", type=click.IntRange(0, 65535), default=None,
          help="Also serve newline-delimited JSON over raw TCP on this port.  [default: off]")
+@_option("--workers", type=click.IntRange(1, 1024), default=_DEFAULTS.workers,
+         help="Worker processes sharing the ports (SO_REUSEPORT), each with its own fd limit and "
+              "trio loop; a supervisor restarts them. More than 1 needs --broker redis://...")
+@_option("--broker", default=_DEFAULTS.broker, metavar="URL",
+         help="memory:// (this process only), or redis://host:6379/0 (rediss:// for TLS) to share "
+              "topics between workers and hosts. Put a password in TRIOSERVE_BROKER_PASSWORD.")
 @_option("--client-publish/--no-client-publish", default=_DEFAULTS.client_publish,
          help='Let connected clients publish with {"op":"publish"}. The HTTP API can always publish.')
 @_option("--api-key", default=None,
@@ -216,8 +243,15 @@ def serve(ctx: click.Context, /, config_path: str | None, **options: Any) -> Non
     overrides = {name: value for name, value in options.items()
                  if ctx.get_parameter_source(name) is ParameterSource.COMMANDLINE}
     config = _load(config_path, overrides)
-    _setup_logging(config)
+    _setup_logging(config, "sup" if config.workers > 1 else None)
     _warn_about(config)
+    if config.workers > 1:
+        from .workers import Supervisor
+
+        try:
+            sys.exit(trio.run(Supervisor(config).run))
+        except OSError as exc:
+            raise click.ClickException(str(exc)) from None
     server = Server(config, handle_signals=True)
     try:
         trio.run(server.serve)
@@ -225,6 +259,26 @@ def serve(ctx: click.Context, /, config_path: str | None, **options: Any) -> Non
         raise click.ClickException(str(exc)) from None
     if server.forced_exit is not None:
         sys.exit(128 + server.forced_exit)
+
+
+@main.command("_worker", hidden=True)
+@click.option("--runtime-dir", required=True, type=click.Path(file_okay=False, exists=True))
+@click.option("--worker-id", required=True, type=click.IntRange(1))
+@click.option("--ready-fd", type=int, default=None)
+def worker(runtime_dir: str, worker_id: int, ready_fd: int | None) -> None:
+    """One worker of `serve --workers N`, started by its supervisor (trioserve/workers.py)."""
+    from .worker import Worker, read_worker_config
+
+    try:
+        config = read_worker_config(runtime_dir, worker_id)
+    except ConfigError as exc:
+        raise ConfigProblem(str(exc)) from None
+    _setup_logging(config, f"w{worker_id}")
+    w = Worker(config, runtime_dir)
+    try:
+        trio.run(w.run, ready_fd)
+    except OSError as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 @main.command()
@@ -321,6 +375,7 @@ def _signing_algorithm(config: Config) -> str:
             return algorithm
     raise ConfigProblem(f"token_algorithms ({', '.join(config.effective_token_algorithms)}) has no HS "
                         "algorithm, so the server would refuse a token signed with token_secret")
+
 
 
 if __name__ == "__main__":

@@ -14,13 +14,23 @@ That registry also holds the process, platform and GC collectors.
 ``/metrics`` does not ask for the API key even when one is configured: it is
 meant for a Prometheus scraper inside the network. Filter ``/metrics`` at the
 proxy if the HTTP port is reachable from outside.
+
+With ``--workers N`` the worker that gets the scrape answers for all of them
+(:mod:`trioserve.worker`): each worker's families carry a ``worker="<id>"``
+label on every sample (:func:`worker_families`), travel to the scraped worker
+as JSON (:func:`families_to_json`), and are merged family by family
+(:func:`merge_families`). Totals are left to PromQL, ``sum without (worker)
+(...)``: a pre-summed counter would go backwards whenever a worker restarts
+or misses a scrape, and ``rate()`` would read that as a huge spike.
 """
 
 from __future__ import annotations
 
+import math
+import os
 import weakref
-from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
 from prometheus_client.exposition import choose_encoder
@@ -39,7 +49,22 @@ from .protocol.codes import CloseCode
 if TYPE_CHECKING:
     from .server import Server
 
-__all__ = ["ServerCollector", "metrics_response", "server_registry"]
+__all__ = [
+    "WORKER_LABEL",
+    "ServerCollector",
+    "families_from_json",
+    "families_response",
+    "families_to_json",
+    "merge_families",
+    "metrics_response",
+    "server_registry",
+    "worker_families",
+    "with_label",
+    "worker_up_family",
+]
+
+#: The label that tells the workers of ``serve --workers N`` apart.
+WORKER_LABEL = "worker"
 
 # The transport labels (``Connection.transport_name``), always reported, even at
 # zero, so rate() and alerts have a series from the start.
@@ -100,10 +125,105 @@ def metrics_response(server: Server, request: Request) -> Response:
     The body is in the Prometheus text format, or in OpenMetrics when the
     ``Accept`` header asks for it (``prometheus_client``'s ``choose_encoder``).
     """
+    return _encode(server_registry(server), request)
+
+
+def families_response(families: Sequence[Metric], request: Request) -> Response:
+    """The answer to ``GET /metrics`` from already collected *families*."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Fixed(families))
+    return _encode(registry, request)
+
+
+def _encode(registry: CollectorRegistry, request: Request) -> Response:
     accept = request.header(b"accept") or b""
     encoder, content_type = choose_encoder(accept.decode("latin-1"))
-    body = encoder(server_registry(server))
+    body = encoder(registry)
     return Response(200, body, content_type.encode("ascii"))
+
+
+class _Fixed(Collector):
+    def __init__(self, families: Sequence[Metric]):
+        self._families = families
+
+    def collect(self) -> Iterable[Metric]:
+        return self._families
+
+
+# --- several workers --------------------------------------------------------------------------
+
+
+def worker_families(server: Server, worker: str) -> list[Metric]:
+    """Everything *server*'s registry collects, plus ``trioserve_worker_info`` (the pid),
+    with ``worker=<worker>`` added to every sample."""
+    info = GaugeMetricFamily("trioserve_worker_info",
+                             "1 per worker process of serve --workers; pid is its process id.",
+                             labels=["pid"])
+    info.add_metric([str(os.getpid())], 1)
+    families = [*server_registry(server).collect(), info]
+    return [with_label(family, WORKER_LABEL, worker) for family in families]
+
+
+def worker_up_family(up: Mapping[str, bool]) -> Metric:
+    """``trioserve_worker_up``: 1 for each worker that answered this scrape, else 0."""
+    family = GaugeMetricFamily(
+        "trioserve_worker_up",
+        "1 if the worker answered for this scrape; 0 if it did not (restarting or stuck), "
+        "and its other series are missing from this scrape.",
+        labels=[WORKER_LABEL])
+    for worker, answered in up.items():
+        family.add_metric([worker], int(answered))
+    return family
+
+
+def with_label(family: Metric, name: str, value: str) -> Metric:
+    """A copy of *family* with label *name* = *value* on every sample."""
+    copy = Metric(family.name, family.documentation, family.type, family.unit)
+    for sample in family.samples:
+        copy.add_sample(sample.name, {**sample.labels, name: value}, sample.value)
+    return copy
+
+
+def families_to_json(families: Iterable[Metric]) -> list[dict[str, Any]]:
+    """*families* as plain JSON-able data; timestamps and exemplars are left out."""
+    return [
+        {
+            "name": f.name, "help": f.documentation, "type": f.type, "unit": f.unit,
+            # JSON has no NaN or infinity; Python's float() reads their str() back.
+            "samples": [[s.name, s.labels, s.value if math.isfinite(s.value) else str(s.value)]
+                        for s in f.samples],
+        }
+        for f in families
+    ]
+
+
+def families_from_json(data: Iterable[Mapping[str, Any]]) -> list[Metric]:
+    """The inverse of :func:`families_to_json`; raises ValueError or KeyError on bad input."""
+    families = []
+    for item in data:
+        family = Metric(item["name"], item["help"], item["type"], item["unit"])
+        for name, labels, value in item["samples"]:
+            family.add_sample(str(name), {str(k): str(v) for k, v in labels.items()}, float(value))
+        families.append(family)
+    return families
+
+
+def merge_families(groups: Iterable[Iterable[Metric]]) -> list[Metric]:
+    """One family per name, holding every group's samples, in first-seen order.
+
+    The exposition formats want each family's samples together, so the
+    workers' copies of ``trioserve_connections`` become one family.
+    """
+    merged: dict[str, Metric] = {}
+    for group in groups:
+        for family in group:
+            into = merged.get(family.name)
+            if into is None:
+                into = Metric(family.name, family.documentation, family.type, family.unit)
+                merged[family.name] = into
+            if into.type == family.type:
+                into.samples.extend(family.samples)
+    return list(merged.values())
 
 
 def _families(server: Server) -> list[Metric]:

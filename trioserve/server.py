@@ -73,6 +73,8 @@ class ServerStatistics:
     auth_failures: int
     draining: bool
     hub: HubStatistics
+    #: Which worker of ``serve --workers N`` this is (None for a single process).
+    worker_id: int | None = None
 
 
 @attrs.define
@@ -206,6 +208,7 @@ class Server:
             auth_failures=self._auth_failures,
             draining=self._draining,
             hub=self.hub.statistics(),
+            worker_id=self.config.worker_id,
         )
 
     async def serve(self, *, task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED) -> None:
