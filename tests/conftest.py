@@ -11,12 +11,12 @@ import pytest
 import trio
 from hypothesis import settings
 
+from trioserve import Config, Server
+
 # CI machines are shared and noisy: a per-example deadline would turn load into
 # failures. print_blob makes any real failure reproducible from the log.
 settings.register_profile("trioserve", deadline=None, print_blob=True)
 settings.load_profile("trioserve")
-
-from trioserve import Config, Server
 
 
 @attrs.define

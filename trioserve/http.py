@@ -79,9 +79,10 @@ def json_response(status: int, obj: Any, headers: list[tuple[bytes, bytes]] | No
 
 
 def json_error(
-    status: int, code: ErrorCode, message: str, headers: list[tuple[bytes, bytes]] | None = None
+    status: int, code: ErrorCode | str, message: str, headers: list[tuple[bytes, bytes]] | None = None
 ) -> Response:
-    return json_response(status, {"ok": False, "error": {"code": code.value, "message": message}},
+    """An error answer in the same shape as the protocol's error replies."""
+    return json_response(status, {"ok": False, "error": {"code": str(code), "message": message}},
                          headers)
 
 

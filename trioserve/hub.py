@@ -155,6 +155,10 @@ class Hub:
                 del self._topics[topic]
                 self.broker.leave(topic)
 
+    def topics(self) -> list[str]:
+        """The topics that have subscribers on this process."""
+        return list(self._topics)
+
     def topics_of(self, conn: Connection) -> frozenset[str]:
         held = self._by_conn.get(conn)
         return frozenset((held,) if isinstance(held, str) else held or ())

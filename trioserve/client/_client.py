@@ -339,6 +339,16 @@ class Client:
 
     # --- requests --------------------------------------------------------------------------
 
+    async def request(self, op: str, *, retry: bool = False, **fields: Any) -> dict[str, Any]:
+        """Send your own op (one added with ``Server.add_op``) and return its reply.
+
+        With ``retry=True`` the request is sent again after a reconnect; leave
+        it False for ops that must not run twice. Raises :class:`ServerError`
+        for an error reply and :class:`ConnectionLost` if the connection drops
+        before the answer (without retry).
+        """
+        return await self._request({"op": op, **fields}, retry=retry)
+
     async def _request(self, msg: dict[str, Any], *, retry: bool) -> dict[str, Any]:
         with trio.fail_after(self._request_timeout):
             while True:

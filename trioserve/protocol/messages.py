@@ -33,7 +33,7 @@ _MISSING = object()
 class ProtocolError(Exception):
     """A client message we answer with ``{"ok": false, "error": {...}}``."""
 
-    def __init__(self, code: ErrorCode, message: str, id: Any = None):
+    def __init__(self, code: ErrorCode | str, message: str, id: Any = None):
         super().__init__(message)
         self.code = code
         self.message = message
