@@ -26,7 +26,7 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
     sys.path.insert(0, str(REPO))
 
 from benchmarks import report  # noqa: E402
-from benchmarks.loadclient import Workers, raise_fd_limit  # noqa: E402
+from benchmarks.loadclient import Workers, raise_fd_limit, start_workers  # noqa: E402
 from benchmarks.serverproc import (  # noqa: E402
     HOST,
     SERVERS,
@@ -38,7 +38,13 @@ from benchmarks.serverproc import (  # noqa: E402
     report_exc,
     wait_ready,
 )
-from benchmarks.wsclient import Deliveries, WsClient, open_ws, publish_burst, subscribe  # noqa: E402
+from trioserve.bench.wsclient import (  # noqa: E402
+    Deliveries,
+    WsClient,
+    open_ws,
+    publish_burst,
+    subscribe,
+)
 
 TOPIC = "bench"
 WARMUP_TOPIC = "warmup"  # separate topic, so `bench` offsets start at 1
@@ -219,7 +225,7 @@ async def bench_server(spec: ServerSpec, args: argparse.Namespace, log_dir: Path
         result["port"] = port
         server = ServerProcess(spec, port, log_dir / f"{spec.name}.log")
         result["pid"] = server.popen.pid
-        workers = Workers(args.client_procs)
+        workers = start_workers(args.client_procs)
         phase = "ready"
         await wait_ready(server)
         await workers.ask([{"op": "ping"}] * len(workers), 60)  # imports done, loops running

@@ -18,7 +18,11 @@ from pathlib import Path
 
 import psutil
 
-from benchmarks.wsclient import open_ws
+from trioserve.bench.pool import PhaseError
+from trioserve.bench.wsclient import open_ws
+
+__all__ = ["HOST", "SERVERS", "PhaseError", "ServerProcess", "ServerSpec", "free_port",
+           "probe_available", "report_exc", "wait_ready"]
 
 REPO = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
@@ -53,10 +57,6 @@ SERVERS = {
         healthz=False,
     ),
 }
-
-
-class PhaseError(Exception):
-    """A phase could not complete; the server's row says so instead of crashing."""
 
 
 def free_port() -> int:

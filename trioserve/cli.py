@@ -377,6 +377,8 @@ def _signing_algorithm(config: Config) -> str:
                         "algorithm, so the server would refuse a token signed with token_secret")
 
 
+from . import doctor as _doctor  # noqa: E402, F401  (registers `trioserve doctor`)
+from .bench import cli as _bench_cli  # noqa: E402, F401  (registers `trioserve bench`)
 
 if __name__ == "__main__":
     main()

@@ -1,14 +1,21 @@
-"""A minimal, cheap WebSocket client on a raw ``asyncio.BufferedProtocol``.
+"""Cheap load-client connections on a raw ``asyncio.BufferedProtocol``.
 
-The load client shares two cores with the server under test, so every
+The load client shares the cores with the server under test, so every
 microsecond it spends per delivery is taken from the server. Hence no
 WebSocket library here: the upgrade is written by hand, server frames are
 parsed straight out of the byte stream, and each delivery costs one
 ``orjson.loads`` plus a few integer operations.
 
-Only what the benchmark needs is implemented: text frames (fragmented or
-not), ping/pong and close. Server frames may arrive several per ``recv``
-(trioserve batches writes), or split across reads; both are handled.
+Two framings speak the same push protocol (docs/protocol.md):
+
+- :class:`WsClient`: WebSocket text frames (fragmented or not), ping/pong and
+  close. Server frames may arrive several per ``recv`` (trioserve batches
+  writes), or split across reads; both are handled.
+- :class:`TcpClient`: newline-delimited JSON; the server's ``{"op":"ping"}``
+  line is answered with ``{"op":"pong"}``.
+
+Moved here from ``benchmarks/wsclient.py``; ``benchmarks/fanout.py`` and
+``trioserve bench`` both use it.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import os
 import socket
 import time
 from array import array
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -30,8 +38,10 @@ GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 MASK = b"\x37\xfa\x21\x3d"
 IP_BIND_ADDRESS_NO_PORT = 24  # Linux; not exported by the socket module
 MAX_HEADER = 16384
+MAX_LINE = 16 * 1024 * 1024
 
 OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
+_PONG_LINE = b'{"op":"pong"}\n'
 
 
 class ProtocolError(Exception):
@@ -59,10 +69,12 @@ def encode_frame(payload: bytes, opcode: int = OP_TEXT) -> bytes:
 
 
 class Deliveries:
-    """Per-burst delivery accounting shared by all subscribers of one process.
+    """Delivery accounting shared by all subscribers of one process.
 
     Kept separate from the connections so the hot path touches one object
-    and the completion check is a single counter.
+    and the completion check is a single counter. ``benchmarks/fanout.py``
+    arms it per burst; ``trioserve bench`` never arms it and drains ``lat``
+    into a histogram from time to time.
     """
 
     __slots__ = (
@@ -77,7 +89,7 @@ class Deliveries:
     )
 
     def __init__(self) -> None:
-        self.lat = array("d")
+        self.lat = array("d")  # seconds from the publisher's stamp to the read
         self.remaining = 0
         self.received = 0
         self.last_recv = 0.0
@@ -112,41 +124,30 @@ class Deliveries:
 RECV_VIEW = memoryview(bytearray(65536))
 
 
-class WsClient(asyncio.BufferedProtocol):
-    """One client connection: upgrade, request/reply by id, pub accounting."""
+class PushClient(asyncio.BufferedProtocol):
+    """One client connection: request/reply by id, pub accounting. Framing is the subclass's."""
 
-    def __init__(self, host: str, port: int, path: str, deliveries: Deliveries | None) -> None:
-        self.host_header = f"{host}:{port}"
-        self.path = path
+    transport_name = "?"
+
+    def __init__(self, deliveries: Deliveries | None) -> None:
         self.deliveries = deliveries
         self.transport: asyncio.Transport | None = None
         loop = asyncio.get_running_loop()
         self.handshake: asyncio.Future[None] = loop.create_future()
         self.closed: asyncio.Future[None] = loop.create_future()
         self.pending: dict[Any, asyncio.Future[dict[str, Any]]] = {}
+        self.reply_hooks: dict[Any, Callable[[dict[str, Any]], None]] = {}
         self.next_id = 1
         self.buf = b""
-        self.upgraded = False
-        self.fragments: list[bytes] | None = None
-        self.key = base64.b64encode(os.urandom(16))
         # Per-connection ordering checks; offsets must be exactly consecutive.
         self.last_offset = 0
-        self.burst_count = 0
+        self.burst_count = 0  # pubs accounted on this connection (per burst for fanout.py)
         self.gaps = 0
         self.dups = 0
         self.unexpected = 0
         self.close_reason = ""
 
     # -- asyncio callbacks -------------------------------------------------
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-        transport.write(
-            b"GET %s HTTP/1.1\r\nHost: %s\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-            b"Sec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\n\r\n"
-            % (self.path.encode(), self.host_header.encode(), self.key)
-        )
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.close_reason:
@@ -165,6 +166,131 @@ class WsClient(asyncio.BufferedProtocol):
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return RECV_VIEW
+
+    # -- messages ----------------------------------------------------------
+
+    def _on_text(self, payload: bytes | memoryview, now: float) -> None:
+        try:
+            msg = orjson.loads(payload)
+            if msg.get("op") == "pub":
+                d = self.deliveries
+                off = msg["offset"]
+                last = self.last_offset
+                if off != last + 1:
+                    if off <= last:
+                        self.dups += 1  # not a delivery: it would hide a loss
+                        return
+                    self.gaps += off - last - 1
+                self.last_offset = off
+                if d is None:
+                    self.unexpected += 1
+                    return
+                self.burst_count += 1
+                d.lat.append(now - msg["data"]["t"])
+                d.received += 1
+                d.last_recv = now
+                d.remaining -= 1
+                if d.remaining == 0:
+                    d.done.set()
+                return
+            rid = msg.get("id")
+            fut = self.pending.pop(rid, None)
+            if fut is None or fut.done():
+                self._on_unsolicited(msg)
+                return
+            hook = self.reply_hooks.pop(rid, None)
+            if hook is not None:
+                try:
+                    hook(msg)
+                except Exception as exc:
+                    fut.set_exception(exc)
+                    return
+            fut.set_result(msg)
+        except (orjson.JSONDecodeError, AttributeError, KeyError, TypeError):
+            self.unexpected += 1
+
+    def account(self, pub: dict[str, Any], now: float) -> None:
+        """A publication that came another way (a recovering subscribe's reply)."""
+        self._on_text(orjson.dumps(pub), now)
+
+    def _on_unsolicited(self, msg: dict[str, Any]) -> None:
+        self.unexpected += 1
+
+    def _write(self, data: bytes) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+
+    def _fail(self, reason: str) -> None:
+        self.close_reason = reason
+        if not self.handshake.done():
+            self.handshake.set_exception(ProtocolError(reason))
+        if self.transport is not None:
+            self.transport.abort()
+
+    # -- public API ----------------------------------------------------------
+
+    def send_json(self, obj: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def request_nowait(self, obj: dict[str, Any],
+                       on_reply: Callable[[dict[str, Any]], None] | None = None,
+                       ) -> asyncio.Future[dict[str, Any]]:
+        """Send ``obj`` with a fresh id; the future resolves with the reply.
+
+        ``on_reply`` runs as the reply is parsed, before any frame after it,
+        which matters when those frames depend on it: a subscribe reply's
+        offset is the base for the publications that follow in the same read,
+        and the awaiting task only runs after the whole read is parsed.
+        """
+        rid = self.next_id
+        self.next_id += 1
+        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        if self.closed.done():
+            fut.set_exception(ConnectionError(f"connection lost: {self.close_reason}"))
+            return fut
+        self.pending[rid] = fut
+        if on_reply is not None:
+            self.reply_hooks[rid] = on_reply
+        self.send_json({**obj, "id": rid})
+        return fut
+
+    async def request(self, obj: dict[str, Any], timeout: float,
+                      on_reply: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+        async with asyncio.timeout(timeout):
+            return await self.request_nowait(obj, on_reply)
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    def abort(self) -> None:
+        """Drop the connection at once, as a network failure would."""
+        self.close_reason = "dropped by the load client"
+        if self.transport is not None:
+            self.transport.abort()
+
+
+class WsClient(PushClient):
+    """The push protocol over a hand-parsed WebSocket."""
+
+    transport_name = "websocket"
+
+    def __init__(self, host: str, port: int, path: str, deliveries: Deliveries | None) -> None:
+        super().__init__(deliveries)
+        self.host_header = f"{host}:{port}"
+        self.path = path
+        self.upgraded = False
+        self.fragments: list[bytes] | None = None
+        self.key = base64.b64encode(os.urandom(16))
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        transport.write(
+            b"GET %s HTTP/1.1\r\nHost: %s\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\n\r\n"
+            % (self.path.encode(), self.host_header.encode(), self.key)
+        )
 
     def buffer_updated(self, nbytes: int) -> None:
         data: bytes | memoryview = RECV_VIEW[:nbytes]
@@ -204,8 +330,6 @@ class WsClient(asyncio.BufferedProtocol):
             # The shared receive buffer is reused by the next read: keep a copy.
             self.buf = bytes(data[pos:])
 
-    # -- internals ---------------------------------------------------------
-
     def _read_upgrade(self, data: bytes) -> bytes:
         """Buffer until the end of the 101 response; return bytes after it."""
         self.buf += data
@@ -233,44 +357,13 @@ class WsClient(asyncio.BufferedProtocol):
         self.handshake.set_result(None)
         return rest
 
-    def _on_text(self, payload: bytes | memoryview, now: float) -> None:
-        try:
-            msg = orjson.loads(payload)
-            if msg.get("op") == "pub":
-                d = self.deliveries
-                off = msg["offset"]
-                last = self.last_offset
-                if off != last + 1:
-                    if off <= last:
-                        self.dups += 1  # not a delivery: it would hide a loss
-                        return
-                    self.gaps += off - last - 1
-                self.last_offset = off
-                if d is None:
-                    self.unexpected += 1
-                    return
-                self.burst_count += 1
-                d.lat.append(now - msg["data"]["t"])
-                d.received += 1
-                d.last_recv = now
-                d.remaining -= 1
-                if d.remaining == 0:
-                    d.done.set()
-                return
-            fut = self.pending.pop(msg.get("id"), None)
-            if fut is None or fut.done():
-                self.unexpected += 1
-            else:
-                fut.set_result(msg)
-        except (orjson.JSONDecodeError, AttributeError, KeyError, TypeError):
-            self.unexpected += 1
-
     def _on_other_frame(self, b0: int, payload: bytes, now: float) -> None:
         fin, opcode = b0 & 0x80, b0 & 0x0F
         if opcode == OP_PING:
             self._write(encode_frame(payload, OP_PONG))
         elif opcode == OP_CLOSE:
-            self.close_reason = f"close frame {payload[:2].hex()} {payload[2:64]!r}"
+            code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else 1005
+            self.close_reason = f"close {code} {payload[2:64].decode(errors='replace')}".rstrip()
             self._write(encode_frame(payload[:2], OP_CLOSE))
             if self.transport is not None:
                 self.transport.close()
@@ -286,51 +379,59 @@ class WsClient(asyncio.BufferedProtocol):
         else:
             self._fail(f"unexpected frame opcode {opcode}")
 
-    def _write(self, frame: bytes) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(frame)
-
-    def _fail(self, reason: str) -> None:
-        self.close_reason = reason
-        if not self.handshake.done():
-            self.handshake.set_exception(ProtocolError(reason))
-        if self.transport is not None:
-            self.transport.abort()
-
-    # -- public API ----------------------------------------------------------
-
     def send_json(self, obj: dict[str, Any]) -> None:
         self._write(encode_frame(orjson.dumps(obj)))
 
-    def request_nowait(self, obj: dict[str, Any]) -> asyncio.Future[dict[str, Any]]:
-        """Send ``obj`` with a fresh id; the future resolves with the reply."""
-        rid = self.next_id
-        self.next_id += 1
-        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        if self.closed.done():
-            fut.set_exception(ConnectionError(f"connection lost: {self.close_reason}"))
-            return fut
-        self.pending[rid] = fut
-        self.send_json({**obj, "id": rid})
-        return fut
 
-    async def request(self, obj: dict[str, Any], timeout: float) -> dict[str, Any]:
-        async with asyncio.timeout(timeout):
-            return await self.request_nowait(obj)
+class TcpClient(PushClient):
+    """The push protocol as newline-delimited JSON over raw TCP."""
 
-    def close(self) -> None:
-        if self.transport is not None:
-            self.transport.close()
+    transport_name = "tcp"
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.handshake.set_result(None)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        now = time.monotonic()
+        data = RECV_VIEW[:nbytes].tobytes()
+        if self.buf:
+            data = self.buf + data
+            self.buf = b""
+        pos = 0
+        while (nl := data.find(b"\n", pos)) >= 0:
+            line = data[pos:nl]
+            pos = nl + 1
+            if line.strip():
+                self._on_text(line, now)
+        if pos < len(data):
+            if len(data) - pos > MAX_LINE:
+                self._fail("line too long")
+                return
+            self.buf = data[pos:]
+
+    def _on_unsolicited(self, msg: dict[str, Any]) -> None:
+        op = msg.get("op")
+        if op == "ping":
+            self._write(_PONG_LINE)
+        elif op == "close":
+            self.close_reason = f"close {msg.get('code')} {msg.get('reason', '')}".rstrip()
+        else:
+            self.unexpected += 1
+
+    def send_json(self, obj: dict[str, Any]) -> None:
+        self._write(orjson.dumps(obj) + b"\n")
 
 
-async def open_ws(
-    host: str, port: int, src_ip: str | None, deliveries: Deliveries | None,
+async def open_client(
+    scheme: str, host: str, port: int, src_ip: str | None, deliveries: Deliveries | None,
     timeout: float, path: str = "/ws",
-) -> WsClient:
-    """Connect from ``src_ip`` and complete the upgrade within ``timeout``."""
+) -> PushClient:
+    """Connect from ``src_ip`` and, for WebSocket, complete the upgrade within ``timeout``."""
     loop = asyncio.get_running_loop()
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    proto: WsClient | None = None
+    proto: PushClient | None = None
     try:
         if src_ip:
             # Defer the port choice to connect() so uniqueness is per 4-tuple;
@@ -341,8 +442,11 @@ async def open_ws(
         sock.setblocking(False)
         async with asyncio.timeout(timeout):
             await loop.sock_connect(sock, (host, port))
-            _, proto = await loop.create_connection(
-                lambda: WsClient(host, port, path, deliveries), sock=sock)
+            if scheme == "tcp":
+                _, proto = await loop.create_connection(lambda: TcpClient(deliveries), sock=sock)
+            else:
+                _, proto = await loop.create_connection(
+                    lambda: WsClient(host, port, path, deliveries), sock=sock)
             await proto.handshake
         return proto
     except BaseException:
@@ -353,14 +457,31 @@ async def open_ws(
         raise
 
 
-async def subscribe(client: WsClient, topic: str, timeout: float) -> None:
+async def open_ws(
+    host: str, port: int, src_ip: str | None, deliveries: Deliveries | None,
+    timeout: float, path: str = "/ws",
+) -> WsClient:
+    """Connect from ``src_ip`` and complete the upgrade within ``timeout``."""
+    client = await open_client("ws", host, port, src_ip, deliveries, timeout, path)
+    assert isinstance(client, WsClient)
+    return client
+
+
+async def subscribe(client: PushClient, topic: str, timeout: float) -> None:
     reply = await client.request({"op": "subscribe", "topic": topic}, timeout)
     if reply.get("ok") is not True:
         raise ProtocolError(f"subscribe refused: {reply!r}")
 
 
+def publication_data(size: int) -> dict[str, Any]:
+    """``{"t": <monotonic now>, "pad": "xx…"}``, padded to ``size`` bytes of JSON."""
+    t = time.monotonic()
+    bare = len(orjson.dumps({"t": t, "pad": ""}))
+    return {"t": t, "pad": "x" * max(0, size - bare)}
+
+
 def publish_burst(
-    client: WsClient, topic: str, count: int, size: int,
+    client: PushClient, topic: str, count: int, size: int,
 ) -> tuple[float, list[asyncio.Future[dict[str, Any]]]]:
     """Write ``count`` publish frames back to back; don't wait for replies.
 
@@ -371,10 +492,8 @@ def publish_burst(
     futures = []
     first = 0.0
     for i in range(count):
-        t = time.monotonic()
+        data = publication_data(size)
         if i == 0:
-            first = t
-        bare = len(orjson.dumps({"t": t, "pad": ""}))
-        data = {"t": t, "pad": "x" * max(0, size - bare)}
+            first = data["t"]
         futures.append(client.request_nowait({"op": "publish", "topic": topic, "data": data}))
     return first, futures

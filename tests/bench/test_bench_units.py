@@ -1,0 +1,204 @@
+"""The bench's pieces without a server: histograms, /metrics parsing, gates, options, the CLI."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import time
+from array import array
+from pathlib import Path
+from typing import Any
+
+import click
+import orjson
+import pytest
+from click.testing import CliRunner
+
+from trioserve.bench import cli as bench_cli
+from trioserve.bench import hist, scrape
+from trioserve.bench.report import verdict
+from trioserve.bench.runner import Options, UsageError, parse_target, plan, validate
+from trioserve.cli import main
+
+
+def test_histograms_merge_across_processes_exactly() -> None:
+    a, b = hist.Recorder(), hist.Recorder()
+    a.drain(array("d", [0.001] * 900))  # 1 ms
+    b.drain(array("d", [0.010] * 90 + [0.100] * 10))  # 10 ms, 100 ms
+    merged = hist.merge([hist.encode(a.total), hist.encode(b.total), b""])
+    s = hist.summary(merged)
+    assert s["count"] == 1000
+    assert s["p50_ms"] == pytest.approx(1.0, rel=1e-3)
+    assert s["p99_ms"] == pytest.approx(10.0, rel=1e-3)
+    assert s["max_ms"] == pytest.approx(100.0, rel=1e-3)
+    # The interval histogram starts afresh after each take.
+    assert hist.summary(hist.decode(b.take_interval()))["count"] == 100
+    assert hist.summary(hist.decode(b.take_interval()))["count"] == 0
+
+
+def test_many_distinct_latencies_keep_three_significant_figures() -> None:
+    samples = array("d", [i * 1e-6 for i in range(1, 200_001)])  # 1 µs .. 200 ms, all distinct
+    rec = hist.Recorder()
+    rec.drain(samples)
+    s = hist.summary(rec.total)
+    assert s["count"] == 200_000
+    assert s["p50_ms"] == pytest.approx(100.0, rel=2e-3)
+    assert s["p99_ms"] == pytest.approx(198.0, rel=2e-3)
+    assert hist.summary(hist.new_histogram())["p99_ms"] is None
+
+
+METRICS_BEFORE = """\
+# TYPE trioserve_deliveries counter
+trioserve_deliveries_total 100.0
+# TYPE trioserve_connections gauge
+trioserve_connections{transport="websocket"} 0.0
+# TYPE trioserve_disconnects counter
+trioserve_disconnects_total{code="1001"} 1.0
+# TYPE process_resident_memory_bytes gauge
+process_resident_memory_bytes 1.048576e+07
+# TYPE process_cpu_seconds counter
+process_cpu_seconds_total 1.0
+"""
+
+
+def test_metrics_scrapes_are_parsed_and_compared() -> None:
+    before = scrape.parse(METRICS_BEFORE)
+    assert before['trioserve_connections{transport="websocket"}'] == 0
+    mid = dict(before, process_resident_memory_bytes=10485760 + 1000 * 1024 * 8)
+    after = dict(mid, **{"trioserve_deliveries_total": 2100.0, "process_cpu_seconds_total": 1.5,
+                         'trioserve_connections{transport="websocket"}': 1000.0,
+                         'trioserve_disconnects_total{code="1001"}': 1.0,
+                         'trioserve_disconnects_total{code="4008"}': 3.0})
+    out = scrape.compare(before, after, connected=1000, deliveries=2000, mid=mid)
+    rows = {r["key"]: r for r in out["rows"]}
+    assert rows["trioserve_deliveries_total"]["delta"] == 2000
+    assert rows['trioserve_connections{transport="websocket"}']["after"] == 1000
+    assert rows["process_resident_memory_bytes"]["before"] == 10.0  # MiB
+    assert out["server_rss_per_conn_kb"] == pytest.approx(8.0)
+    assert out["server_cpu_us_per_delivery"] == pytest.approx(250.0)
+    assert out["disconnects_by_code"] == {"4008": 3.0}
+    assert scrape.compare(None, after, 1, 1) == {}
+
+
+def test_metrics_url_comes_from_the_bench_url() -> None:
+    assert scrape.metrics_url("ws://127.0.0.1:8000/ws") == "http://127.0.0.1:8000/metrics"
+    assert scrape.metrics_url("ws://[::1]:9/ws") == "http://[::1]:9/metrics"
+    assert scrape.metrics_url("tcp://127.0.0.1:9000") is None
+    assert scrape.metrics_url("tcp://127.0.0.1:9000", "http://x:1/metrics") == "http://x:1/metrics"
+
+
+def _report(lost: int = 0, expected: int = 1000, p99: float | None = 5.0, failed: int = 0,
+            closed: int = 0) -> dict[str, Any]:
+    return {"connect": {"failed": failed}, "connections": {"closed_by_reason": {"close 4008": closed}
+                                                            if closed else {}},
+            "messages": {"lost": lost, "expected": expected, "loss_fraction": lost / expected, "dups": 0},
+            "latency": {"p99_ms": p99}}
+
+
+@pytest.mark.parametrize(("kwargs", "opts", "ok"), [
+    ({}, {}, True),
+    ({"lost": 1}, {}, False),
+    ({"lost": 1}, {"max_loss": 0.01}, True),
+    ({"lost": 20}, {"max_loss": 0.01}, False),
+    ({"p99": 5.0}, {"max_p99_ms": 5.0}, True),
+    ({"p99": 5.1}, {"max_p99_ms": 5.0}, False),
+    ({"p99": None}, {"max_p99_ms": 5.0}, False),
+    ({"failed": 2}, {}, False),
+    ({"failed": 2}, {"max_connect_failures": 2}, True),
+    ({"closed": 1}, {}, False),
+])
+def test_gates(kwargs: dict[str, Any], opts: dict[str, Any], ok: bool) -> None:
+    assert verdict(Options("fanout", **opts), _report(**kwargs))["ok"] is ok
+
+
+def test_source_ips_ranges_and_lists() -> None:
+    parse = bench_cli.parse_source_ips
+    assert parse("127.0.0.2-127.0.0.4") == ["127.0.0.2", "127.0.0.3", "127.0.0.4"]
+    assert parse("127.0.0.2-3, 127.0.0.9") == ["127.0.0.2", "127.0.0.3", "127.0.0.9"]
+    assert parse("127.0.0.255-127.0.1.0") == ["127.0.0.255", "127.0.1.0"]
+    assert parse(None) is None and parse("auto") is None
+    for bad in ("127.0.0.5-127.0.0.2", "nope", ",", "127.0.0.1-127.2.0.0"):
+        with pytest.raises(click.BadParameter):
+            parse(bad)
+
+
+def test_options_defaults_and_plan() -> None:
+    opts = Options("fanout", url="ws://127.0.0.1:1/ws", connections=25_000, topics=2)
+    validate(opts)
+    assert opts.procs == 2  # no process above 15,000
+    assert opts.source_ips == ["127.0.0.2", "127.0.0.3", "127.0.0.4"]  # one per 10,000
+    shares = plan(opts)
+    assert [len(s) for s in shares] == [12_500, 12_500]
+    assert shares[0][:2] == [["127.0.0.2", f"{opts.topic_prefix}.0"], ["127.0.0.4", f"{opts.topic_prefix}.0"]]
+    remote = Options("idle", url="ws://10.1.2.3:80/ws")
+    validate(remote)
+    assert remote.source_ips is None  # no source binding towards a non-loopback server
+    assert parse_target("tcp://127.0.0.1:9000")["scheme"] == "tcp"
+    for url in ("wss://127.0.0.1:1/ws", "ws://127.0.0.1/ws", "http://x:1/"):
+        with pytest.raises(UsageError):
+            parse_target(url)
+
+
+def test_usage_errors_exit_2() -> None:
+    runner = CliRunner()
+    res = runner.invoke(main, ["bench", "fanout", "--url", "wss://127.0.0.1:1/ws"])
+    assert res.exit_code == 2 and "wss is not supported" in res.output
+    res = runner.invoke(main, ["bench", "nosuch"])
+    assert res.exit_code == 2
+    res = runner.invoke(main, ["bench", "idle", "-n", "100000", "--procs", "1"])
+    assert res.exit_code == 2 and "exceed the open-files limit" in res.output
+
+
+def test_without_the_bench_extra_it_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "hdrh" else real(name, *a))
+    res = CliRunner().invoke(main, ["bench", "idle"])
+    assert res.exit_code == 2
+    assert "needs the 'bench' extra (missing: hdrhistogram)" in res.output
+    assert "pip install 'trioserve[bench]'" in res.output
+
+
+def test_plot_writes_a_png(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    from trioserve.bench.plot import write_plot
+
+    rec = hist.Recorder()
+    rec.drain(array("d", [0.001 * (i % 50 + 1) for i in range(5000)]))
+    report = {"scenario": "fanout", "options": {"connections": 10},
+              "latency": {"kind": "delivery", **hist.summary(rec.total)},
+              "latency_curve": hist.percentile_curve(rec.total),
+              "timeline": [{"t": t / 2, "connections": min(10, t * 3), "deliveries_per_s": t * 100.0}
+                           for t in range(10)]}
+    out = tmp_path / "bench.png"
+    write_plot(report, str(out))
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_publications_right_behind_a_recovering_subscribe_reply_count_from_it() -> None:
+    """The reply and the next live publication often arrive in one read: the reply's
+    recovered publications must be counted before the publication that follows it."""
+    from trioserve.bench.worker import BenchWorker, Sub
+    from trioserve.bench.wsclient import RECV_VIEW, TcpClient
+
+    async def main() -> tuple[int, int, int, int]:
+        worker = BenchWorker(0)
+        client = TcpClient(worker.deliveries)
+        client.last_offset = 100  # seen before the drop
+        sub = Sub(client, None, "t")
+        task = asyncio.create_task(worker._subscribe(sub, 5, since={"epoch": "e", "offset": 100}))
+        await asyncio.sleep(0)  # the request is "sent" (no transport here)
+        now = time.monotonic()
+
+        def pub(offset: int) -> dict[str, Any]:
+            return {"op": "pub", "topic": "t", "offset": offset, "data": {"t": now}}
+
+        reply = {"id": 1, "ok": True, "topic": "t", "epoch": "e", "offset": 102, "recovered": True,
+                 "publications": [pub(101), pub(102)]}
+        data = orjson.dumps(reply) + b"\n" + orjson.dumps(pub(103)) + b"\n"
+        RECV_VIEW[: len(data)] = data
+        client.buffer_updated(len(data))
+        await task
+        return sub.received, client.gaps, client.dups, sub.recovered
+
+    assert asyncio.run(main()) == (3, 0, 0, 2)
