@@ -138,6 +138,11 @@ class Authenticator:
             raise AuthError("wrong_issuer", f"the token was not issued by {self.issuer!r}") from None
         except jwt.MissingRequiredClaimError as exc:
             raise AuthError("token_invalid", f"the token lacks the '{exc.claim}' claim") from None
+        except jwt.InvalidKeyError:
+            # An algorithm we accept, but not for this key's type (ES256 against
+            # an RSA key): the token cannot have been signed by our key.
+            raise AuthError("algorithm_not_allowed",
+                            "the token's algorithm does not match the configured key") from None
         except jwt.InvalidTokenError as exc:
             raise AuthError("token_invalid", f"malformed token: {exc}") from None
         sub = payload["sub"]

@@ -177,6 +177,11 @@ def main() -> None:
          help="HTTP + WebSocket port (WebSocket at /ws). 0 picks a free port.")
 @_option("--tcp-port", type=click.IntRange(0, 65535), default=None,
          help="Also serve newline-delimited JSON over raw TCP on this port.  [default: off]")
+@_option("--certfile", type=click.Path(dir_okay=False), default=None,
+         help="PEM certificate chain: both ports then speak TLS (wss://, https://, TCP+TLS).  "
+              "[default: none, plain text]")
+@_option("--keyfile", type=click.Path(dir_okay=False), default=None,
+         help="PEM private key of --certfile.  [default: the key is in the certfile]")
 @_option("--workers", type=click.IntRange(1, 1024), default=_DEFAULTS.workers,
          help="Worker processes sharing the ports (SO_REUSEPORT), each with its own fd limit and "
               "trio loop; a supervisor restarts them. More than 1 needs --broker redis://...")
@@ -190,6 +195,20 @@ def main() -> None:
 @_option("--max-connections", type=click.IntRange(1), default=None,
          help="Client connections at once; more get HTTP 503 / a close line.  "
               "[default: what the fd limit allows]")
+@_option("--max-connections-per-ip", type=click.IntRange(0), default=None,
+         show_default="1000, loopback peers exempt",
+         help="Open sockets from one IP address (IPv6: one /64); more get HTTP 503 / a 1013 close "
+              "line. 0 = no limit. Behind a proxy every client has the proxy's address: raise it or use 0.")
+@_option("--rate-limit", type=click.FloatRange(min=0), default=_DEFAULTS.rate_limit,
+         help="Messages per second one connection may send; over it they get rate_limited errors, "
+              "and a client that keeps going is closed with 4029. 0 = no limit.")
+@_option("--rate-burst", type=click.IntRange(1), default=_DEFAULTS.rate_burst,
+         help="Messages one connection may send at once before --rate-limit applies.")
+@_option("--max-subscriptions", type=click.IntRange(0), default=_DEFAULTS.max_subscriptions,
+         help="Topics one connection may subscribe to (more: too_many_subscriptions). 0 = no limit.")
+@_option("--max-queued-bytes", type=click.IntRange(0), default=_DEFAULTS.max_queued_bytes,
+         help="Outbound bytes queued over all connections; above it the largest queues are closed "
+              "with 4008. 0 = no limit.")
 @_option("--max-message-size", type=click.IntRange(1), default=_DEFAULTS.max_message_size,
          help="Largest client message, TCP line or HTTP body, in bytes (over it: close 1009 / 413).")
 @_option("--ping-interval", type=click.FloatRange(min=0, min_open=True), default=_DEFAULTS.ping_interval,
@@ -245,6 +264,16 @@ def serve(ctx: click.Context, /, config_path: str | None, **options: Any) -> Non
     config = _load(config_path, overrides)
     _setup_logging(config, "sup" if config.workers > 1 else None)
     _warn_about(config)
+    ssl_context = None
+    if config.certfile is not None:
+        from .tls import server_context
+
+        try:
+            # Loaded here too with --workers, so a bad certificate stops the
+            # supervisor rather than every worker in turn.
+            ssl_context = server_context(config)
+        except ConfigError as exc:
+            raise ConfigProblem(str(exc)) from None
     if config.workers > 1:
         from .workers import Supervisor
 
@@ -252,7 +281,7 @@ def serve(ctx: click.Context, /, config_path: str | None, **options: Any) -> Non
             sys.exit(trio.run(Supervisor(config).run))
         except OSError as exc:
             raise click.ClickException(str(exc)) from None
-    server = Server(config, handle_signals=True)
+    server = Server(config, handle_signals=True, ssl_context=ssl_context)
     try:
         trio.run(server.serve)
     except OSError as exc:

@@ -19,6 +19,7 @@ import attrs
 
 __all__ = [
     "BROKER_SCHEMES",
+    "DEFAULT_MAX_CONNECTIONS_PER_IP",
     "HMAC_ALGORITHMS",
     "LOG_FORMATS",
     "LOG_LEVELS",
@@ -48,6 +49,10 @@ _SCHEME = re.compile(r"[a-z][a-z0-9+.\-]*")
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 # More processes than this on one host is a mistake, not a deployment.
 _MAX_WORKERS = 1024
+# URL query parameters whose values redact_url hides.
+_SECRET_PARAMS = ("pass", "secret", "token", "auth", "key")
+#: ``max_connections_per_ip`` when unset, for peers that are not loopback.
+DEFAULT_MAX_CONNECTIONS_PER_IP = 1000
 
 
 class ConfigError(ValueError):
@@ -102,6 +107,45 @@ def _optional_text(inst: object, attr: attrs.Attribute[Any], value: Any) -> None
         raise ConfigError(f"{attr.name} must be a string, got {value!r}")
     if not value:
         raise ConfigError(f"{attr.name} is empty; leave it unset instead")
+
+
+def _optional_secret(inst: object, attr: attrs.Attribute[Any], value: Any) -> None:
+    # Like _optional_text, but the message never repeats the value: it is a secret.
+    if value is None:
+        return
+    if not isinstance(value, str):
+        raise ConfigError(f"{attr.name} must be a string, got {type_name(value)}")
+    if not value:
+        raise ConfigError(f"{attr.name} is empty; leave it unset instead")
+
+
+def type_name(value: object) -> str:
+    """What *value* is, without what it says: for messages about secrets."""
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a number"
+    if isinstance(value, (list, tuple)):
+        return "an array"
+    if isinstance(value, Mapping):
+        return "a table"
+    return f"a {type(value).__name__} value"
+
+
+def _secret_repr(value: object) -> str:
+    """How a secret field appears in ``repr(config)``: whether it is set, never its value."""
+    return "None" if value is None else "'***'"
+
+
+def _url_repr(value: object) -> str:
+    return repr(redact_url(value) if isinstance(value, str) else value)
+
+
+def _optional_count(inst: object, attr: attrs.Attribute[Any], value: Any) -> None:
+    if value is not None:
+        _count(inst, attr, value)
 
 
 def _optional_bool(inst: object, attr: attrs.Attribute[Any], value: Any) -> None:
@@ -166,13 +210,27 @@ def _check_broker(inst: object, attr: attrs.Attribute[Any], value: Any) -> None:
 
 
 def redact_url(url: str) -> str:
-    """*url* with its password, if any, replaced by ``***``: fit for logs and errors."""
+    """*url* with its password, if any, replaced by ``***``: fit for logs and errors.
+
+    Both places a Redis URL can carry one are covered: ``redis://:pw@host`` and a
+    query parameter such as ``?password=pw``.
+    """
     parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.netloc.rpartition("@")[2]
-    return parts._replace(netloc=f"{user}:***@{host}").geturl()
+    if parts.password is not None:
+        user = parts.username or ""
+        host = parts.netloc.rpartition("@")[2]
+        parts = parts._replace(netloc=f"{user}:***@{host}")
+    if parts.query:
+        query = "&".join(_redact_param(p) for p in parts.query.split("&"))
+        parts = parts._replace(query=query)
+    return parts.geturl()
+
+
+def _redact_param(param: str) -> str:
+    name, eq, _value = param.partition("=")
+    if eq and any(word in name.lower() for word in _SECRET_PARAMS):
+        return f"{name}=***"
+    return param
 
 
 def _workers(inst: object, attr: attrs.Attribute[Any], value: Any) -> None:
@@ -284,9 +342,22 @@ class Config:
     #: Let clients publish with ``{"op": "publish"}`` (the HTTP API always can).
     client_publish: bool = False
     #: When set, ``POST /api/publish`` requires ``Authorization: Bearer <key>``.
-    api_key: str | None = None
+    api_key: str | None = attrs.field(default=None, validator=_optional_secret, repr=_secret_repr)
     #: Client connections (WebSocket + TCP) at once; None means what the fd limit allows.
     max_connections: int | None = attrs.field(default=None, validator=_positive)
+    #: Open sockets from one IP address (an IPv6 address counts by its /64); 0 turns the
+    #: limit off. None: :data:`DEFAULT_MAX_CONNECTIONS_PER_IP`, with loopback peers exempt
+    #: (see :meth:`per_ip_limit`).
+    max_connections_per_ip: int | None = attrs.field(default=None, validator=_optional_count)
+    #: Messages per second one connection may send (token bucket refill); 0 turns it off.
+    rate_limit: float = attrs.field(default=1000.0, validator=_not_negative)
+    #: Messages one connection may send in a burst before ``rate_limit`` applies.
+    rate_burst: int = attrs.field(default=1000, validator=_positive)
+    #: Topics one connection may be subscribed to at once; 0 for no limit.
+    max_subscriptions: int = attrs.field(default=100, validator=_count)
+    #: Outbound bytes queued over all connections of this process before the largest
+    #: queues are closed with 4008; 0 turns the limit off.
+    max_queued_bytes: int = attrs.field(default=256 * 1024 * 1024, validator=_count)
     #: Largest client message (WebSocket message, NDJSON line, HTTP body) in bytes.
     max_message_size: int = attrs.field(default=64 * 1024, validator=_positive)
     #: Read silence (seconds) after which the server pings.
@@ -312,6 +383,10 @@ class Config:
     backlog: int = attrs.field(default=4096, validator=_positive)
     #: Set SO_REUSEPORT on listening sockets (for several processes on one port).
     reuse_port: bool = False
+    #: PEM certificate chain: with it both listeners speak TLS (wss://, TCP+TLS).
+    certfile: str | None = attrs.field(default=None, validator=_optional_text)
+    #: PEM private key for ``certfile`` (unset: the key is in ``certfile``).
+    keyfile: str | None = attrs.field(default=None, validator=_optional_text)
 
     # --- workers and broker ----------------------------------------------------------------
     #: Worker processes sharing the ports (``trioserve serve --workers``); more than 1 needs
@@ -319,9 +394,10 @@ class Config:
     workers: int = attrs.field(default=1, validator=_workers)
     #: ``memory://`` (this process only), or ``redis://[:password@]host:port/db`` /
     #: ``rediss://`` (TLS) to share topics, offsets and history between processes and hosts.
-    broker: str = attrs.field(default="memory://", validator=_check_broker)
+    broker: str = attrs.field(default="memory://", validator=_check_broker, repr=_url_repr)
     #: Redis password, kept out of the URL (and so out of ``ps`` and logs).
-    broker_password: str | None = attrs.field(default=None, validator=_optional_text, repr=False)
+    broker_password: str | None = attrs.field(default=None, validator=_optional_secret,
+                                              repr=_secret_repr)
     #: Which worker this process is (1..workers); set by the supervisor, never by users,
     #: so it has no config key, variable or flag. None in a single-process server.
     worker_id: int | None = attrs.field(default=None, validator=_worker_id,
@@ -329,7 +405,7 @@ class Config:
 
     # --- auth ---------------------------------------------------------------------------
     #: Shared secret for HS256/384/512 client tokens.
-    token_secret: str | None = attrs.field(default=None, validator=_optional_text)
+    token_secret: str | None = attrs.field(default=None, validator=_optional_secret, repr=_secret_repr)
     #: PEM public key for RS/ES/PS client tokens (the issuer keeps the private key).
     token_public_key: str | None = attrs.field(default=None, validator=_optional_text)
     #: Accepted JWT algorithms; None: see :attr:`effective_token_algorithms`.
@@ -375,8 +451,9 @@ class Config:
             raise ConfigError(f"tcp_port and port are both {self.port}; pick two ports")
         if not self.ws_path.startswith("/"):
             raise ConfigError(f"ws_path must start with '/', got {self.ws_path!r}")
-        if self.api_key is not None and not self.api_key:
-            raise ConfigError("api_key is empty; leave it unset to disable the check")
+        if self.keyfile is not None and self.certfile is None:
+            raise ConfigError("keyfile is set but certfile is not; TLS needs the certificate too "
+                              "(set certfile, or drop keyfile)")
         self._check_auth()
         for origin in self.allowed_origins:
             _check_origin(origin)
@@ -457,6 +534,25 @@ class Config:
         if self.token_secret is not None:
             return ("HS256",)
         return ("RS256", "ES256") if self.token_public_key is not None else ()
+
+    @property
+    def tls_enabled(self) -> bool:
+        """Both listeners speak TLS: a ``certfile`` is configured."""
+        return self.certfile is not None
+
+    def per_ip_limit(self, loopback: bool) -> int:
+        """The open-socket limit for one peer address; 0 means none.
+
+        Unset, it is :data:`DEFAULT_MAX_CONNECTIONS_PER_IP` for remote peers and off
+        for loopback ones: a reverse proxy on the same host, and the benchmarks' load
+        clients (spread over 127.0.0.x, thousands of connections each), all arrive from
+        loopback, and counting them as one host would cap the whole server. A value
+        that is set applies to every address, loopback included.
+        """
+        limit = self.max_connections_per_ip
+        if limit is None:
+            return 0 if loopback else DEFAULT_MAX_CONNECTIONS_PER_IP
+        return limit
 
     def history_for(self, topic: str) -> tuple[int, float]:
         """(size, ttl) of the history kept for *topic*: the first matching rule, else the defaults."""

@@ -22,7 +22,7 @@ from typing import Any
 
 import attrs
 
-from .config import Config, ConfigError, HistoryRule
+from .config import Config, ConfigError, HistoryRule, type_name
 
 __all__ = ["CONFIG_ENV", "ENV_PREFIX", "KEY_FILE", "OPTIONS", "Kind", "Option", "load_config",
            "render_config"]
@@ -33,6 +33,10 @@ CONFIG_ENV = "TRIOSERVE_CONFIG"
 #: A loader-only key: the file's text becomes ``token_public_key``.
 KEY_FILE = "token_public_key_file"
 _RULE_KEYS = ("pattern", "size", "ttl")
+#: File paths that a config file gives relative to itself.
+_PATH_KEYS = (KEY_FILE, "certfile", "keyfile")
+#: Options whose values must never appear in an error message (or a log).
+_SECRETS = frozenset({"token_secret", "api_key", "broker_password"})
 _TRUE = ("1", "true", "yes")
 _FALSE = ("0", "false", "no")
 
@@ -73,6 +77,11 @@ _HELP: tuple[tuple[str, str, str, Any], ...] = (
     ("listeners", "ws_path", "Path of the WebSocket endpoint on the HTTP port.", None),
     ("listeners", "backlog", "listen() backlog; the kernel caps it at net.core.somaxconn.", None),
     ("listeners", "reuse_port", "Set SO_REUSEPORT, so several server processes can share the port.", None),
+    ("listeners", "certfile",
+     "PEM certificate chain; with it both ports speak TLS (wss://, TCP+TLS). Relative to this file.",
+     "/etc/trioserve/cert.pem"),
+    ("listeners", "keyfile", "PEM private key of certfile (unset: the key is in certfile).",
+     "/etc/trioserve/key.pem"),
     ("workers", "workers",
      "Worker processes sharing the ports (each with its own fd limit); over 1 needs a redis broker.",
      None),
@@ -89,6 +98,17 @@ _HELP: tuple[tuple[str, str, str, Any], ...] = (
      "Publications waiting for fan-out before publishers are pushed back.", None),
     ("limits", "max_connections",
      "Client connections at once, WebSocket + TCP (unset: what the fd limit allows).", 10000),
+    ("limits", "max_connections_per_ip",
+     "Open sockets from one IP address (IPv6: one /64); 0 is no limit "
+     "(unset: 1000, loopback peers exempt).", 1000),
+    ("limits", "rate_limit",
+     "Messages per second one connection may send; more get rate_limited, a flood closes 4029. "
+     "0 is no limit.", None),
+    ("limits", "rate_burst", "Messages one connection may send at once before rate_limit applies.", None),
+    ("limits", "max_subscriptions", "Topics one connection may subscribe to; 0 is no limit.", None),
+    ("limits", "max_queued_bytes",
+     "Outbound bytes queued over all connections before the largest queues are closed with 4008; "
+     "0 is no limit.", None),
     ("limits", "max_message_size",
      "Largest client message, TCP line or HTTP body, in bytes (over it: close 1009 / HTTP 413).", None),
     ("limits", "queue_max_bytes", "Outbound queue limit per connection, in bytes.", None),
@@ -210,7 +230,8 @@ def _typed(opt: Option, value: Any, where: str) -> Any:
         Kind.STRINGS: isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value),
     }[kind]
     if not ok:
-        raise ConfigError(f"{where}{opt.name} must be {kind.value}, got {_describe(value)}")
+        got = type_name(value) if opt.name in _SECRETS else _describe(value)
+        raise ConfigError(f"{where}{opt.name} must be {kind.value}, got {got}")
     if kind is Kind.FLOAT:
         return float(value)
     if kind is Kind.STRINGS:
@@ -298,9 +319,10 @@ def _read_file(path: Path) -> dict[str, Any]:
                                   "(port = 8000), not grouped in tables")
             raise ConfigError(f"{where}unknown key {key!r}{_suggest(key, list(OPTIONS))}")
         layer[key] = _typed(opt, value, where)
-    if KEY_FILE in layer:
-        # Relative to the config file, so the pair can move together.
-        layer[KEY_FILE] = str(path.parent / layer[KEY_FILE])
+    for key in _PATH_KEYS:
+        if layer.get(key) is not None:
+            # Relative to the config file, so the pair can move together.
+            layer[key] = str(path.parent / layer[key])
     _one_key_source(layer, where)
     return layer
 

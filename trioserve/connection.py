@@ -26,11 +26,13 @@ from .protocol.messages import REFRESH_REQUIRED
 from .transport import Transport
 
 __all__ = [
+    "RATE_CLOSE_FACTOR",
     "Connection",
     "ConnectionClosed",
     "ConnectionState",
     "ConnectionStatistics",
     "Framing",
+    "QueueTotal",
 ]
 
 log = logging.getLogger("trioserve.connection")
@@ -38,6 +40,9 @@ log = logging.getLogger("trioserve.connection")
 _ids = itertools.count(1)
 
 _MAX_IOV = 64
+#: A connection that sends this many times ``rate_burst`` messages beyond its
+#: allowance (it kept going after ``rate_limited`` replies) is closed with 4029.
+RATE_CLOSE_FACTOR = 10
 # Bytes handed to one sendmsg(); more would only sit in the kernel's buffer anyway.
 _MAX_WRITE = 256 * 1024
 
@@ -73,6 +78,40 @@ class Framing:
 
     name: str
     frame_batch: Callable[[Sequence[bytes]], bytes]
+
+
+class QueueTotal:
+    """Outbound bytes queued over every connection of a server, against ``max_queued_bytes``.
+
+    Connections add and subtract their own queue's changes here, so the total is
+    always exact and costs nothing on the hot path: a frame the kernel takes at
+    once is never queued and never touches this. The alternative, a task adding
+    up every connection's queue every 100 ms, would cost O(connections) per tick
+    even on an idle server, and would notice a burst 100 ms late. Crossing the
+    limit calls *on_over* once, which wakes the server's shedder; shedding itself
+    (finding the largest queues) runs in that task, outside the fan-out loop.
+    """
+
+    __slots__ = ("bytes", "limit", "on_over", "over")
+
+    def __init__(self, limit: int = 0, on_over: Callable[[], object] | None = None):
+        #: Bytes queued now, over every connection that shares this total.
+        self.bytes = 0
+        #: 0: no limit.
+        self.limit = limit
+        self.on_over = on_over
+        #: True from crossing the limit until the shedder has run.
+        self.over = False
+
+    def exceeded(self) -> None:
+        if not self.over:
+            self.over = True
+            if self.on_over is not None:
+                self.on_over()
+
+
+# Connections made without a server (tests, your own listener) share this one: no limit.
+_NO_TOTAL = QueueTotal()
 
 
 @attrs.frozen
@@ -127,11 +166,14 @@ class Connection:
         "_queue",
         "_queued_bytes",
         "_queued_frames",
+        "_rate_at",
+        "_rate_debt",
         "_reading",
         "_refresh_sent",
         "_scope",
         "_slow",
         "_task",
+        "_total",
         "_transport",
         "_writer_running",
         "claims",
@@ -146,8 +188,11 @@ class Connection:
         config: Config,
         nursery: trio.Nursery,
         remote: str | None = None,
+        *,
+        queue_total: QueueTotal | None = None,
     ):
         self._transport = transport
+        self._total = _NO_TOTAL if queue_total is None else queue_total
         self._config = config
         # Writers are spawned here, lazily, so an idle connection has one task.
         self._nursery = nursery
@@ -173,6 +218,13 @@ class Connection:
         self._reading = False
         self._scope: trio.CancelScope | None = None
         self._last_rx = trio.current_time()
+        # The rate limit's token bucket, kept as the tokens missing from a full
+        # bucket: two numbers, refilled lazily when a message arrives, so it needs
+        # no timer. The debt is the int 1 after a message that found the bucket
+        # full, and the time is _last_rx's own float, so the usual idle connection
+        # holds no number objects of its own for them: only the two slots.
+        self._rate_debt: float = 0
+        self._rate_at = self._last_rx
         self._ping_sent_at: float | None = None
         self._close_code: int | None = None
         self._close_reason: str | None = None
@@ -260,12 +312,20 @@ class Connection:
                 return
             self._queue = deque()
             self._head_offset = sent
-            self._queued_bytes -= sent
+            added = len(data) - sent
+        else:
+            added = len(data)
+        # Only frames the kernel did not take at once get here: the fan-out hot
+        # path above is unchanged by the process-wide total.
         self._queue.append((data, count))
-        self._queued_bytes += len(data)
+        self._queued_bytes += added
         self._queued_frames += count
+        total = self._total
+        total.bytes += added
         if limited and self._over_limit():
             self._on_backlog_limit()
+        if total.bytes > total.limit > 0:
+            total.exceeded()
         if not self._writer_running and self._queue is not None:
             self._writer_running = True
             self._nursery.start_soon(self._writer)
@@ -276,22 +336,44 @@ class Connection:
         # A partly sent frame must be finished, or the peer's framing breaks.
         keep = 1 if self._head_offset else 0
         if self._config.slow_consumer_policy is SlowConsumerPolicy.DROP_OLDEST:
+            total = self._total
             while len(queue) > keep + 1 and self._over_limit():
                 data, count = queue[keep]
                 del queue[keep]
                 self._queued_bytes -= len(data)
+                total.bytes -= len(data)
                 self._queued_frames -= count
                 self._dropped += count
             return
+        log.info("slow consumer %s: queue over its limit, closing 4008", self.remote)
+        self._close_slow()
+
+    def _close_slow(self) -> None:
+        """Drop what waits in the queue and close with 4008."""
+        queue = self._queue
+        assert queue is not None
+        keep = 1 if self._head_offset else 0
         self._slow = True
+        total = self._total
         while len(queue) > keep:
             data, count = queue.pop()
             self._queued_bytes -= len(data)
+            total.bytes -= len(data)
             self._queued_frames -= count
         # The queue object stays even if empty: a batch may be in flight, and the
         # close frame must go out after it, not around it.
-        log.info("slow consumer %s: queue over its limit, closing 4008", self.remote)
         self._start_close(CloseCode.SLOW_CONSUMER)
+
+    def shed(self) -> None:
+        """Give up on this connection's queue to save the process's memory
+        (``max_queued_bytes``): an open connection drops its queue and closes
+        with 4008; one that is already closing is closed at once."""
+        if self.state is ConnectionState.OPEN and self._queue is not None:
+            log.info("slow consumer %s: one of the largest queues while the server is over "
+                     "max_queued_bytes, closing 4008", self.remote)
+            self._close_slow()
+        elif self.state is not ConnectionState.CLOSED:
+            self.abort()
 
     async def _writer(self) -> None:
         try:
@@ -332,6 +414,7 @@ class Connection:
         if queue is None:  # closed while the write was in flight
             return
         self._queued_bytes -= sent
+        self._total.bytes -= sent
         offset = self._head_offset + sent
         for i, (data, count) in enumerate(batch):
             if offset < len(data):
@@ -421,6 +504,36 @@ class Connection:
             return await self.receive()
         except ConnectionClosed:
             raise StopAsyncIteration from None
+
+    def check_rate(self) -> bool:
+        """Count one message against the rate limit (``rate_limit``, ``rate_burst``).
+
+        True: handle it. False: the connection is over its rate; answer
+        ``rate_limited`` instead. Refused messages count too, so a client that
+        keeps sending gets nothing through until it slows down, and once it is
+        ``RATE_CLOSE_FACTOR * rate_burst`` messages in debt it is closed with
+        4029. The push protocol calls this for every message; a custom handler
+        may call it too.
+        """
+        cfg = self._config
+        rate = cfg.rate_limit
+        if not rate:
+            return True
+        # Messages are counted by arrival: the time the chunk holding them was read.
+        now = self._last_rx
+        refill = (now - self._rate_at) * rate
+        debt = self._rate_debt
+        debt = debt - refill + 1 if refill < debt else 1
+        self._rate_debt = debt
+        self._rate_at = now
+        burst = cfg.rate_burst
+        if debt <= burst:
+            return True
+        if debt > (RATE_CLOSE_FACTOR + 1) * burst and self.state is ConnectionState.OPEN:
+            log.info("rate limit: %s kept sending after rate_limited replies, closing 4029",
+                     self.remote)
+            self._start_close(CloseCode.RATE_LIMITED)
+        return False
 
     def _next_deadline(self) -> float:
         if self.state is ConnectionState.CLOSING:
@@ -531,6 +644,7 @@ class Connection:
             return
         self.state = ConnectionState.CLOSED
         self._queue = None
+        self._total.bytes -= self._queued_bytes
         self._queued_bytes = self._queued_frames = 0
         self._transport.close()
         if self._done is not None:

@@ -114,7 +114,8 @@ async def _read_body(h: h11.Connection, transport: Transport, limit: int) -> byt
             raise h11.RemoteProtocolError("request body ended early", 400)
 
 
-async def _respond(h: h11.Connection, transport: Transport, resp: Response, close: bool) -> None:
+async def _respond(h: h11.Connection, transport: Transport, resp: Response, close: bool,
+                   head: bool = False) -> None:
     headers = [
         _SERVER_HEADER,
         (b"content-type", resp.content_type),
@@ -124,7 +125,7 @@ async def _respond(h: h11.Connection, transport: Transport, resp: Response, clos
     if close:
         headers.append((b"connection", b"close"))
     data = h.send(h11.Response(status_code=resp.status, headers=headers))
-    if resp.body:
+    if resp.body and not head:  # a HEAD answer has GET's headers and no body
         data += h.send(h11.Data(data=resp.body))
     data += h.send(h11.EndOfMessage())
     await transport.send_all(data)
@@ -143,16 +144,18 @@ async def serve_http(transport: Transport, server: Server, remote: str | None) -
     while True:
         # Waiting for a request is cancelled by a drain, so idle keep-alive
         # sockets and half-sent handshakes do not hold a drain to its deadline.
-        with server._idle_scope() as idle:
-            idle.deadline = trio.current_time() + cfg.handshake_timeout
-            try:
+        idle = server._idle_scope(trio.current_time() + cfg.handshake_timeout)
+        try:
+            with idle:
                 request = await _next_event(h, transport)
-            except h11.RemoteProtocolError as exc:
-                bad = json_error(exc.error_status_hint, ErrorCode.BAD_REQUEST, str(exc))
-                await _refuse(h, transport, bad, linger=cfg.close_timeout)
-                return None
-            except OSError:
-                return None
+        except h11.RemoteProtocolError as exc:
+            bad = json_error(exc.error_status_hint, ErrorCode.BAD_REQUEST, str(exc))
+            await _refuse(h, transport, bad, linger=cfg.close_timeout)
+            return None
+        except OSError:
+            return None
+        finally:
+            server._idle_scopes.discard(idle)
         if idle.cancelled_caught:
             log.debug("no complete request from %s within %ss (or draining)", remote,
                       cfg.handshake_timeout)
@@ -166,7 +169,15 @@ async def serve_http(transport: Transport, server: Server, remote: str | None) -
             await _refuse(h, transport, json_error(400, ErrorCode.BAD_REQUEST, "malformed request target"))
             return None
         if websocket.is_upgrade(request.headers):
-            return await _upgrade(h, transport, server, request, url.path, url.query)
+            return await _upgrade(h, transport, server, request, url.path, url.query, remote)
+        if _header(request.headers, b"transfer-encoding") is not None and \
+                _header(request.headers, b"content-length") is not None:
+            # The request-smuggling shape: RFC 9112 6.1 lets us refuse it, and
+            # requires closing the connection whatever we do.
+            await _refuse(h, transport, json_error(
+                400, ErrorCode.BAD_REQUEST, "both Content-Length and Transfer-Encoding"),
+                linger=cfg.close_timeout)
+            return None
         too_large = json_error(413, ErrorCode.TOO_LARGE,
                                f"request body over {cfg.max_message_size} bytes")
         if _declared_length(request.headers) > cfg.max_message_size:
@@ -180,13 +191,19 @@ async def serve_http(transport: Transport, server: Server, remote: str | None) -
         except _BodyTooLarge:
             await _refuse(h, transport, too_large, linger=cfg.close_timeout)
             return None
-        except (h11.RemoteProtocolError, trio.TooSlowError, OSError):
+        except h11.RemoteProtocolError as exc:
+            await _refuse(h, transport, json_error(400, ErrorCode.BAD_REQUEST, f"bad request body: {exc}"),
+                          linger=cfg.close_timeout)
             return None
-        req = Request(method, url.path, parse_qs(url.query), list(request.headers), body, remote)
+        except (trio.TooSlowError, OSError):
+            return None
+        head = method == "HEAD"
+        req = Request("GET" if head else method, url.path, parse_qs(url.query), list(request.headers),
+                      body, remote)
         resp = await server._route(req)
         close = server.draining or h.our_state is h11.MUST_CLOSE
         try:
-            await _respond(h, transport, resp, close)
+            await _respond(h, transport, resp, close, head)
         except OSError:
             return None
         if close or h.our_state is not h11.DONE or h.their_state is not h11.DONE:
@@ -223,7 +240,8 @@ def _declared_length(headers: Sequence[tuple[bytes, bytes]]) -> int:
 
 
 async def _upgrade(h: h11.Connection, transport: Transport, server: Server,
-                   request: h11.Request, path: str, query: str) -> Upgrade | None:
+                   request: h11.Request, path: str, query: str,
+                   remote: str | None = None) -> Upgrade | None:
     if path not in server.ws_handlers:
         await _refuse(h, transport, json_error(
             404, ErrorCode.NOT_FOUND, f"no WebSocket endpoint at {path}; use {server.config.ws_path}"))
@@ -250,13 +268,24 @@ async def _upgrade(h: h11.Connection, transport: Transport, server: Server,
                                                "server at capacity (max_connections)",
                                                [(b"retry-after", b"1")]))
         return None
-    event = await _next_event(h, transport)
-    if isinstance(event, h11.EndOfMessage):
+    if server._peer_over_limit(remote):
+        await _refuse(h, transport, json_error(503, ErrorCode.UNAVAILABLE,
+                                               "too many connections from your address "
+                                               "(max_connections_per_ip)",
+                                               [(b"retry-after", b"5")]))
+        return None
+    try:
         event = await _next_event(h, transport)
+        if isinstance(event, h11.EndOfMessage):
+            event = await _next_event(h, transport)
+    except h11.RemoteProtocolError:
+        event = None  # a body h11 cannot even parse: refused below like any body
     if event is not h11.PAUSED:
         await _refuse(h, transport, json_error(400, ErrorCode.BAD_REQUEST, "upgrade request has a body"))
         return None
-    data = h.send(h11.InformationalResponse(status_code=101, headers=[_SERVER_HEADER, *headers]))
+    # The 101 is built here rather than by h11.send(): h11 is dropped right
+    # after it, and its header validation is a measurable share of a handshake.
+    data = websocket.switching_protocols([_SERVER_HEADER, *headers])
     trailing, _ = h.trailing_data
     try:
         await transport.send_all(data)

@@ -159,6 +159,15 @@ class Hub:
         """The topics that have subscribers on this process."""
         return list(self._topics)
 
+    def subscription_count(self, conn: Connection) -> int:
+        """How many topics *conn* is subscribed to (cheaper than ``len(topics_of(conn))``)."""
+        held = self._by_conn.get(conn)
+        return 0 if held is None else 1 if isinstance(held, str) else len(held)
+
+    def is_subscribed(self, conn: Connection, topic: str) -> bool:
+        held = self._by_conn.get(conn)
+        return held is not None and (held == topic if isinstance(held, str) else topic in held)
+
     def topics_of(self, conn: Connection) -> frozenset[str]:
         held = self._by_conn.get(conn)
         return frozenset((held,) if isinstance(held, str) else held or ())

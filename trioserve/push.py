@@ -43,8 +43,12 @@ async def push_handler(conn: Connection, server: Server) -> None:
 
 
 async def _handle(conn: Connection, server: Server, message: str | bytes) -> None:
+    # Counted before parsing, so malformed messages count too.
+    allowed = conn.check_rate()
     try:
         cmd = parse_command(message, server.op_names)
+        if not allowed:
+            raise ProtocolError(ErrorCode.RATE_LIMITED, _rate_message(server), cmd.id)
         if conn.claims is None and cmd.op != "connect":
             # Only TCP connections start without claims, when a token is required.
             conn.start_close(CloseCode.UNAUTHORIZED,
@@ -54,6 +58,12 @@ async def _handle(conn: Connection, server: Server, message: str | bytes) -> Non
     except ProtocolError as exc:
         reply = encode_error(exc.code, exc.message, exc.id)
     conn.send_encoded(reply)
+
+
+def _rate_message(server: Server) -> str:
+    cfg = server.config
+    return (f"over {cfg.rate_limit:g} messages/s (bursts of {cfg.rate_burst}); slow down, "
+            "or the server closes the connection (4029)")
 
 
 def client_info(conn: Connection) -> dict[str, Any]:
@@ -128,6 +138,11 @@ async def _subscribe(conn: Connection, server: Server, cmd: Command, claims: Cla
     topic = cmd.topic
     if not claims.may_subscribe(topic):
         raise _forbidden(cmd, f"the token does not allow subscribing to {topic}")
+    limit = server.config.max_subscriptions
+    if limit and hub.subscription_count(conn) >= limit and not hub.is_subscribed(conn, topic):
+        raise ProtocolError(ErrorCode.TOO_MANY_SUBSCRIPTIONS,
+                            f"at most {limit} subscriptions per connection (max_subscriptions); "
+                            "unsubscribe from one first", cmd.id)
     if server.on_subscribe is not None:
         try:
             server.on_subscribe(conn, topic)

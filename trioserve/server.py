@@ -6,17 +6,19 @@
     ├── hub fan-out task
     ├── listener "ws+http"   accept loop + one task per socket
     ├── listener "tcp"       (when tcp_port is set)
+    ├── shedder              (sleeps until the queued bytes pass max_queued_bytes)
     └── signal watcher       (when handle_signals=True)
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
+import ipaddress
 import logging
 import signal
 import socket
-from collections.abc import Awaitable, Callable, Iterator
+import ssl
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import attrs
@@ -26,7 +28,7 @@ from . import http, listeners
 from .auth import ANONYMOUS, Authenticator, AuthError
 from .brokers import make_broker
 from .config import Config
-from .connection import Connection, ConnectionClosed, ConnectionState
+from .connection import Connection, ConnectionClosed, ConnectionState, QueueTotal
 from .history import History
 from .hub import Hub, HubStatistics
 from .protocol import ndjson
@@ -34,7 +36,7 @@ from .protocol.codes import CloseCode, ErrorCode
 from .protocol.messages import KNOWN_OPS, Command
 from .push import leave_all, push_handler
 from .tcp_connection import TcpConnection
-from .transport import SocketTransport
+from .transport import SocketTransport, TlsTransport, Transport
 from .ws_connection import WebSocketConnection
 
 __all__ = ["Handler", "OpHandler", "Reject", "Server", "ServerStatistics"]
@@ -42,6 +44,39 @@ __all__ = ["Handler", "OpHandler", "Reject", "Server", "ServerStatistics"]
 log = logging.getLogger("trioserve.server")
 
 _NORMAL_CLOSES = frozenset({CloseCode.NORMAL, CloseCode.GOING_AWAY})
+# Seconds between rounds of shedding, so a total that stays over the limit while
+# queues drain does not make the shedder sort every connection again and again.
+_SHED_INTERVAL = 0.01
+# Seconds between warnings about refused connections (an attacker must not be
+# able to flood the log).
+_WARN_INTERVAL = 60.0
+
+
+def _peer_key(remote: str) -> tuple[str, bool]:
+    """(what connections from *remote* ("host:port") are counted under, whether it is loopback).
+
+    An IPv4 address counts alone; an IPv6 address counts by its /64, since one
+    host is usually given a whole /64 and could otherwise take a fresh address
+    for every connection.
+    """
+    return _host_key(remote.rpartition(":")[0] or remote)
+
+
+@functools.lru_cache(maxsize=4096)
+def _host_key(host: str) -> tuple[str, bool]:
+    # Cached: a handshake asks twice, and busy clients come back.
+    if host.startswith("["):
+        host = host[1:-1]
+    try:
+        addr = ipaddress.ip_address(host)
+    except ValueError:
+        return host, False
+    if isinstance(addr, ipaddress.IPv6Address):
+        if addr.ipv4_mapped is not None:
+            addr = addr.ipv4_mapped
+        else:
+            return f"{int(addr) >> 64:x}::/64", addr.is_loopback
+    return str(addr), addr.is_loopback
 
 Handler = Callable[[Connection], Awaitable[None]]
 #: A custom protocol op: returns the reply's fields (or None), or raises ProtocolError.
@@ -112,8 +147,15 @@ class Server:
         on_connect: Callable[[Connection], Awaitable[None]] | None = None,
         on_disconnect: Callable[[Connection], None] | None = None,
         on_subscribe: Callable[[Connection, str], None] | None = None,
+        ssl_context: ssl.SSLContext | None = None,
     ):
         self.config = config or Config()
+        if ssl_context is None and self.config.certfile is not None:
+            from .tls import server_context
+
+            ssl_context = server_context(self.config)
+        #: With a context, both listeners speak TLS (``certfile``, or given here).
+        self.ssl_context = ssl_context
         self.hub = hub or Hub(self.config.hub_max_pending, History(self.config.history_for),
                               make_broker(self.config))
         #: Verifies connection tokens; None when no token key is configured.
@@ -148,6 +190,12 @@ class Server:
         self._connects: dict[str, int] = {}
         self._disconnects: dict[int, int] = {}
         self._auth_failures = 0
+        # Open sockets per peer address (see _peer_key), for max_connections_per_ip.
+        self._per_ip: dict[str, int] = {}
+        self._per_ip_refused = 0
+        self._per_ip_warned_at = -_WARN_INTERVAL
+        self._shed_lot = trio.lowlevel.ParkingLot()
+        self._queue_total = QueueTotal(self.config.max_queued_bytes, self._shed_lot.unpark_all)
         self._draining = False
         self._http_closed = False
         self._conn_gone = trio.lowlevel.ParkingLot()
@@ -233,6 +281,8 @@ class Server:
             async with trio.open_nursery() as root:
                 await root.start(self.hub.run)
                 await root.start(self.hub.broker.run)
+                if self._queue_total.limit:
+                    root.start_soon(self._shed_loop)
                 if self.handle_signals:
                     root.start_soon(self._watch_signals, root)
                 async with trio.open_nursery() as listener_nursery:
@@ -297,14 +347,16 @@ class Server:
                  soft, self._fd_budget, self.max_connections)
 
     def _log_listening(self) -> None:
+        tls = self.ssl_context is not None
+        http_scheme, ws_scheme, tcp_scheme = ("https", "wss", "tcp+tls") if tls else ("http", "ws", "tcp")
         for name, addrs in self.addresses.items():
             for host, port in addrs:
                 shown = f"[{host}]" if ":" in host else host
                 if name == "ws+http":
-                    log.info("listening on http://%s:%d (WebSocket at ws://%s:%d%s)",
-                             shown, port, shown, port, self.config.ws_path)
+                    log.info("listening on %s://%s:%d (WebSocket at %s://%s:%d%s)",
+                             http_scheme, shown, port, ws_scheme, shown, port, self.config.ws_path)
                 else:
-                    log.info("listening on tcp://%s:%d (NDJSON)", shown, port)
+                    log.info("listening on %s://%s:%d (NDJSON)", tcp_scheme, shown, port)
 
     async def _run_listener(self, lst: _Listener, *, task_status: trio.TaskStatus[None]) -> None:
         async with trio.open_nursery() as nursery:
@@ -330,20 +382,120 @@ class Server:
             await listeners.accept_loop(lsock, on_accept)
         listeners.close_listener(lsock)
 
-    @contextlib.contextmanager
-    def _idle_scope(self) -> Iterator[trio.CancelScope]:
-        scope = trio.CancelScope()
+    def _idle_scope(self, deadline: float) -> trio.CancelScope:
+        """A scope for waiting on a request: a drain cancels it (see ``drain``).
+
+        The caller removes it from ``_idle_scopes`` when done. A plain scope
+        rather than a generator context manager: this runs for every handshake.
+        """
+        scope = trio.CancelScope(deadline=deadline)
         if self._http_closed:
             scope.cancel()
         self._idle_scopes.add(scope)
-        try:
-            with scope:
-                yield scope
-        finally:
-            self._idle_scopes.discard(scope)
+        return scope
 
     def _has_capacity(self) -> bool:
         return len(self._connections) < self.max_connections
+
+    # --- per-address limit ------------------------------------------------------------
+
+    def _count_peer(self, remote: str) -> str | None:
+        """Count a new socket from *remote*; the key to release, or None if not counted."""
+        if self.config.max_connections_per_ip == 0:
+            return None
+        key, loopback = _peer_key(remote)
+        if not self.config.per_ip_limit(loopback):
+            return None
+        self._per_ip[key] = self._per_ip.get(key, 0) + 1
+        return key
+
+    def _release_peer(self, key: str | None) -> None:
+        if key is not None:
+            left = self._per_ip[key] - 1
+            if left:
+                self._per_ip[key] = left
+            else:
+                del self._per_ip[key]
+
+    def _peer_over_limit(self, remote: str | None) -> bool:
+        """Whether *remote*'s address has more open sockets than max_connections_per_ip
+        (this one included). A refusal is counted, and logged at most once a minute."""
+        if remote is None or self.config.max_connections_per_ip == 0:
+            return False
+        key, loopback = _peer_key(remote)
+        limit = self.config.per_ip_limit(loopback)
+        if not limit or self._per_ip.get(key, 0) <= limit:
+            return False
+        self._rejected += 1
+        self._per_ip_refused += 1
+        now = trio.current_time()
+        if now - self._per_ip_warned_at >= _WARN_INTERVAL:
+            log.warning("refused %d connection(s) over max_connections_per_ip (%d) since the last "
+                        "warning, the latest from %s", self._per_ip_refused, limit, key)
+            self._per_ip_warned_at = now
+            self._per_ip_refused = 0
+        return True
+
+    # --- max_queued_bytes ---------------------------------------------------------------
+
+    async def _shed_loop(self) -> None:
+        total = self._queue_total
+        while True:
+            if not total.over:
+                await self._shed_lot.park()
+                continue
+            self._shed()
+            await trio.sleep(_SHED_INTERVAL)
+            total.over = total.bytes > total.limit
+
+    def _shed(self) -> None:
+        """Close the connections with the largest queues until the total fits again."""
+        total = self._queue_total
+        projected = total.bytes
+        if projected <= total.limit:
+            return
+        victims = sorted((c for c in self._connections if c.queued_bytes),
+                         key=lambda c: c.queued_bytes, reverse=True)
+        shed = 0
+        for conn in victims:
+            if projected <= total.limit:
+                break
+            # All of its queue goes: what is not dropped now is in flight, and
+            # is freed once sent or when the connection closes.
+            projected -= conn.queued_bytes
+            conn.shed()
+            shed += 1
+        log.warning("%d bytes queued for clients, over max_queued_bytes (%d): closing the %d "
+                    "connection(s) with the largest queues (4008)", total.bytes, total.limit, shed)
+
+    # --- TLS ----------------------------------------------------------------------------
+
+    def _transport_for(self, sock: socket.socket) -> Transport:
+        if self.ssl_context is None:
+            return SocketTransport(sock)
+        return TlsTransport(sock, self.ssl_context)
+
+    async def _tls_handshake(self, transport: Transport, remote: str) -> bool:
+        """The TLS handshake, within handshake_timeout (and cancelled by a drain)."""
+        if not isinstance(transport, TlsTransport):
+            return True
+        scope = self._idle_scope(trio.current_time() + self.config.handshake_timeout)
+        try:
+            with scope:
+                if await transport.handshake():
+                    return True
+        finally:
+            self._idle_scopes.discard(scope)
+        log.debug("TLS handshake with %s %s", remote, "timed out" if scope.cancelled_caught else "failed")
+        return False
+
+    async def _close_transport(self, transport: Transport) -> None:
+        if isinstance(transport, TlsTransport):
+            # Shielded: the socket must be closed even when this task is cancelled.
+            with trio.CancelScope(shield=True):
+                await transport.aclose()
+        else:
+            transport.close()
 
     async def _route(self, req: http.Request) -> http.Response:
         handler = self._routes.get((req.method, req.path))
@@ -361,31 +513,54 @@ class Server:
             return http.json_error(500, ErrorCode.INTERNAL, "internal error")
 
     async def _serve_http_socket(self, sock: socket.socket, remote: str) -> None:
-        transport = SocketTransport(sock)
+        peer = self._count_peer(remote)
+        transport = self._transport_for(sock)
         try:
-            upgrade = await http.serve_http(transport, self, remote)
+            if not await self._tls_handshake(transport, remote):
+                return
+            try:
+                upgrade = await http.serve_http(transport, self, remote)
+            except Exception:
+                # A bug in request handling costs this socket, never the listener.
+                log.exception("HTTP handling failed for %s; closing the socket", remote)
+                return
             if upgrade is not None:
                 nursery = self._listeners[0].nursery
                 assert nursery is not None
-                conn = WebSocketConnection(transport, self.config, nursery, remote, upgrade.trailing)
+                conn = WebSocketConnection(transport, self.config, nursery, remote, upgrade.trailing,
+                                           queue_total=self._queue_total)
                 self._authenticate(conn, upgrade.token)
                 await self._run_connection(conn, self.ws_handlers[upgrade.path])
         finally:
-            transport.close()
+            await self._close_transport(transport)
+            self._release_peer(peer)
             self._sockets -= 1
 
     async def _serve_tcp_socket(self, sock: socket.socket, remote: str) -> None:
-        transport = SocketTransport(sock)
+        peer = self._count_peer(remote)
+        transport = self._transport_for(sock)
         try:
+            if not await self._tls_handshake(transport, remote):
+                return
+            refusal = None
             if self._draining or not self._has_capacity():
                 self._rejected += 1
                 code = CloseCode.GOING_AWAY if self._draining else CloseCode.TRY_AGAIN_LATER
-                reason = "server is draining" if self._draining else "server at capacity"
-                transport.try_send(ndjson.close_line(code, reason))
+                refusal = ndjson.close_line(code, "server is draining" if self._draining
+                                            else "server at capacity")
+            elif self._peer_over_limit(remote):
+                refusal = ndjson.close_line(CloseCode.TRY_AGAIN_LATER, "too many connections from "
+                                            "your address (max_connections_per_ip)")
+            if refusal is not None:
+                if isinstance(transport, SocketTransport):
+                    transport.try_send(refusal)
+                else:
+                    with trio.move_on_after(self.config.close_timeout):
+                        await transport.send_all(refusal)
                 return
             nursery = self._listeners[-1].nursery
             assert nursery is not None
-            conn = TcpConnection(transport, self.config, nursery, remote)
+            conn = TcpConnection(transport, self.config, nursery, remote, queue_total=self._queue_total)
             if self.config.anonymous_allowed:
                 # Otherwise a TCP client authenticates with its first line, {"op":"connect"}.
                 conn.set_claims(ANONYMOUS)
@@ -393,7 +568,8 @@ class Server:
         except OSError:
             pass
         finally:
-            transport.close()
+            await self._close_transport(transport)
+            self._release_peer(peer)
             self._sockets -= 1
 
     def _authenticate(self, conn: Connection, token: str | None) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import trio
 
 from .config import Config
-from .connection import _FAILED, Connection, ConnectionState, Framing
+from .connection import _FAILED, Connection, ConnectionState, Framing, QueueTotal
 from .protocol import ndjson
 from .protocol.codes import CloseCode
 from .transport import Transport
@@ -29,8 +29,10 @@ class TcpConnection(Connection):
         config: Config,
         nursery: trio.Nursery,
         remote: str | None = None,
+        *,
+        queue_total: QueueTotal | None = None,
     ):
-        super().__init__(transport, config, nursery, remote)
+        super().__init__(transport, config, nursery, remote, queue_total=queue_total)
         self._lines = ndjson.LineSplitter(config.max_message_size)
 
     def frame(self, message: str | bytes) -> bytes:
@@ -49,11 +51,14 @@ class TcpConnection(Connection):
     def _feed(self, data: bytes) -> None:
         if self._close_mode is _FAILED:
             return
+        too_long = False
         try:
             lines = self._lines.feed(data)
-        except ndjson.LineTooLong:
-            self._start_close(CloseCode.MESSAGE_TOO_BIG, "line too long", failed=True)
-            return
+        except ndjson.LineTooLong as exc:
+            # The complete lines before the over-long one are valid messages:
+            # deliver them first, as WebSocket does with messages before an
+            # oversized one.
+            lines, too_long = exc.lines, True
         for raw in lines:
             try:
                 text = raw.decode()
@@ -64,4 +69,8 @@ class TcpConnection(Connection):
             if control is None:
                 self._deliver_in(text)
             elif control[0] == "ping" and self.state is ConnectionState.OPEN:
-                self._write(ndjson.pong_reply(control[1]), 0, limited=False)
+                # Pings count against the rate limit like any message; over it, no pong.
+                if self.check_rate():
+                    self._write(ndjson.pong_reply(control[1]), 0, limited=False)
+        if too_long:
+            self._start_close(CloseCode.MESSAGE_TOO_BIG, "line too long", failed=True)

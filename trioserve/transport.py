@@ -3,23 +3,27 @@
 The socket transport is what makes the hot path cheap: ``try_send`` is a plain
 synchronous ``send()`` with no checkpoint, so a delivery to a connection with
 an empty queue costs one syscall and no task switch. The stream transport runs
-the same Connection over ``trio.testing.memory_stream_pair`` (and TLS streams
-later); it never sends synchronously, so everything goes through the queue.
+the same Connection over ``trio.testing.memory_stream_pair``, and
+:class:`TlsTransport` runs it over ``trio.SSLStream``; they never send
+synchronously, so everything goes through the queue and the writer task.
 """
 
 from __future__ import annotations
 
 import errno
 import socket
+import ssl
 from collections.abc import Sequence
 
 import trio
 
-__all__ = ["SocketTransport", "StreamTransport", "Transport"]
+__all__ = ["SocketTransport", "StreamTransport", "TlsTransport", "Transport"]
 
 _RECV_SIZE = 65536
 # A reset peer is an ordinary event for a server with many clients.
 _GONE = (ConnectionError, BrokenPipeError)
+# Seconds a TLS close_notify may take to go out before the socket is closed anyway.
+_TLS_CLOSE_TIMEOUT = 1.0
 
 
 class Transport:
@@ -118,7 +122,7 @@ class SocketTransport(Transport):
 
 
 class StreamTransport(Transport):
-    """Any ``trio.abc.Stream``: memory streams in tests, TLS streams later.
+    """Any ``trio.abc.Stream``: memory streams in tests; :class:`TlsTransport` for TLS.
 
     A generic stream has only an async close, so ``close()`` here closes what
     can be closed synchronously (memory streams' halves) and the connection's
@@ -164,3 +168,56 @@ class StreamTransport(Transport):
 
     async def aclose(self) -> None:
         await trio.aclose_forcefully(self.stream)
+
+
+class TlsTransport(StreamTransport):
+    """TLS over an accepted socket: ``trio.SSLStream`` on a ``trio.SocketStream``.
+
+    TLS has no half-close that trio exposes (``SSLStream`` has no ``send_eof``),
+    so :meth:`shutdown_write` sends a plain TCP FIN after the last record: the
+    peer has read everything we wrote, including the close frame or close line,
+    then sees EOF without a TLS ``close_notify``. :meth:`close` closes the socket
+    itself, which wakes a reader or writer blocked in the TLS stream (a generic
+    stream could not be closed synchronously). :meth:`aclose` sends
+    ``close_notify`` when nothing has closed the socket yet (plain HTTP answers,
+    refusals).
+    """
+
+    __slots__ = ("_handshake_done", "sock")
+
+    def __init__(self, sock: socket.socket, context: ssl.SSLContext):
+        self.sock = trio.socket.from_stdlib_socket(sock)
+        self._handshake_done = False
+        super().__init__(trio.SSLStream(trio.SocketStream(self.sock), context, server_side=True))
+
+    async def handshake(self) -> bool:
+        """Do the TLS handshake; False if it failed (the caller bounds its time)."""
+        assert isinstance(self.stream, trio.SSLStream)
+        try:
+            await self.stream.do_handshake()
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return False
+        self._handshake_done = True
+        return True
+
+    def shutdown_write(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self.sock.close()
+
+    async def aclose(self) -> None:
+        if self.sock.fileno() < 0:
+            await trio.lowlevel.checkpoint()
+            return
+        try:
+            if self._handshake_done:
+                with trio.move_on_after(_TLS_CLOSE_TIMEOUT):
+                    await self.stream.aclose()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError, OSError):
+            pass
+        finally:
+            self.sock.close()

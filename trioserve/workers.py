@@ -228,8 +228,9 @@ class Supervisor:
             total = sum(w.max_connections for w in self._workers)
             each = ", ".join(f"w{w.id} {w.max_connections}" for w in self._workers)
             shown = f"[{config.host}]" if ":" in config.host else config.host
-            log.info("%d workers serving http://%s:%d: max_connections %d in total (%s)",
-                     len(self._workers), shown, config.port, total, each)
+            log.info("%d workers serving %s://%s:%d: max_connections %d in total (%s)",
+                     len(self._workers), "https" if config.tls_enabled else "http", shown,
+                     config.port, total, each)
 
     async def _keep_running(self, worker: _Worker) -> None:
         backoff = RESTART_BACKOFF_MIN

@@ -11,7 +11,7 @@ from wsproto.connection import ConnectionState as WSState
 from wsproto.connection import ConnectionType
 
 from .config import Config
-from .connection import _FAILED, _REPLIED, Connection, ConnectionState, Framing
+from .connection import _FAILED, _REPLIED, Connection, ConnectionState, Framing, QueueTotal
 from .protocol import websocket
 from .protocol.codes import CloseCode
 from .transport import Transport
@@ -40,8 +40,10 @@ class WebSocketConnection(Connection):
         nursery: trio.Nursery,
         remote: str | None = None,
         trailing_data: bytes = b"",
+        *,
+        queue_total: QueueTotal | None = None,
     ):
-        super().__init__(transport, config, nursery, remote)
+        super().__init__(transport, config, nursery, remote, queue_total=queue_total)
         self._ws = WSConnection(ConnectionType.SERVER)
         self._parts: list[str | bytes] | None = None
         self._parts_size = 0
@@ -79,7 +81,8 @@ class WebSocketConnection(Connection):
             if isinstance(event, (wse.TextMessage, wse.BytesMessage)):
                 self._on_message_part(event)
             elif isinstance(event, wse.Ping):
-                if self.state is ConnectionState.OPEN:
+                # Ping frames count against the rate limit like messages; over it, no pong.
+                if self.state is ConnectionState.OPEN and self.check_rate():
                     self._write(ws.send(event.response()), 0, limited=False)
             elif isinstance(event, wse.CloseConnection):
                 self._on_close_event(event)

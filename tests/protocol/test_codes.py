@@ -20,6 +20,7 @@ from trioserve.protocol.codes import CloseCode, ErrorCode, default_reason
         (CloseCode.UNAUTHORIZED, "unauthorized"),
         (CloseCode.HEARTBEAT_TIMEOUT, "heartbeat timeout"),
         (CloseCode.SLOW_CONSUMER, "slow consumer"),
+        (CloseCode.RATE_LIMITED, "rate limited"),
     ],
 )
 def test_default_reason_named(code: CloseCode, reason: str) -> None:
@@ -51,6 +52,7 @@ def test_close_code_values() -> None:
         "UNAUTHORIZED": 4001,
         "HEARTBEAT_TIMEOUT": 4002,
         "SLOW_CONSUMER": 4008,
+        "RATE_LIMITED": 4029,
     }
 
 
@@ -65,6 +67,8 @@ def test_error_code_values_are_wire_strings() -> None:
         "too_large",
         "unavailable",
         "internal",
+        "rate_limited",
+        "too_many_subscriptions",
     }
     assert ErrorCode("unknown_op") is ErrorCode.UNKNOWN_OP
     assert isinstance(ErrorCode.BAD_REQUEST, str)

@@ -19,7 +19,8 @@ SECRET = "s3cret-for-tests-only-0123456789abcdef"
 
 def hs_token(payload: dict[str, Any] | None = None, key: str = SECRET, alg: str = "HS256",
              **claims: Any) -> str:
-    body = {"sub": "alice", "exp": int(time.time()) + 60, **(payload or {}), **claims}
+    # A long expiry: some tokens are built at import time, long before their test runs.
+    body = {"sub": "alice", "exp": int(time.time()) + 3600, **(payload or {}), **claims}
     return jwt.encode(body, key, algorithm=alg)
 
 

@@ -35,6 +35,7 @@ import coredis.exceptions
 import orjson
 import trio
 
+from ..config import redact_url
 from ..protocol.codes import CloseCode
 from . import Broker, BrokerUnavailable
 
@@ -119,7 +120,8 @@ class RedisBroker(Broker):
         self._node_channel = f"ts:node:{secrets.token_hex(8)}"
 
     def __repr__(self) -> str:
-        return f"<RedisBroker {self.url.split('@')[-1]}>"
+        # Logged ("connected to ..."): never with a password, in the userinfo or the query.
+        return f"<RedisBroker {redact_url(self.url)}>"
 
     # --- the broker interface ------------------------------------------------------
 
@@ -211,7 +213,10 @@ class RedisBroker(Broker):
                             async for message in pubsub:
                                 await self._on_message(message)
                 except* _ERRORS as group:
-                    log.warning("redis unavailable (%s); retrying in %.1fs", group.exceptions[0], backoff)
+                    # Cancellation (a drain) also surfaces from coredis as a
+                    # stream error: check for it before calling Redis down.
+                    await trio.lowlevel.checkpoint()
+                    log.warning("redis unavailable (%s); retrying in %.1fs", _first_leaf(group), backoff)
                 self._pubsub = None
                 self.connected = trio.Event()
                 if not started:
@@ -320,6 +325,12 @@ class RedisBroker(Broker):
         self._epochs[topic] = epoch
         self._enqueued[topic] = next_offset - 1
         self.hub.history.reset(topic, next_offset - 1)
+
+
+def _first_leaf(exc: BaseException) -> BaseException:
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return exc
 
 
 def _text(value: Any) -> str:

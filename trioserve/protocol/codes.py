@@ -24,6 +24,7 @@ class CloseCode(enum.IntEnum):
     UNAUTHORIZED = 4001
     HEARTBEAT_TIMEOUT = 4002
     SLOW_CONSUMER = 4008
+    RATE_LIMITED = 4029
 
 
 _REASONS = {
@@ -39,6 +40,7 @@ _REASONS = {
     CloseCode.UNAUTHORIZED: "unauthorized",
     CloseCode.HEARTBEAT_TIMEOUT: "heartbeat timeout",
     CloseCode.SLOW_CONSUMER: "slow consumer",
+    CloseCode.RATE_LIMITED: "rate limited",
 }
 
 
@@ -62,3 +64,5 @@ class ErrorCode(enum.StrEnum):
     TOO_LARGE = "too_large"
     UNAVAILABLE = "unavailable"
     INTERNAL = "internal"
+    RATE_LIMITED = "rate_limited"
+    TOO_MANY_SUBSCRIPTIONS = "too_many_subscriptions"

@@ -32,7 +32,15 @@ _CONTROL_MAX = 64
 
 
 class LineTooLong(Exception):
-    """A line (or the unterminated tail of the stream) is over the limit."""
+    """A line (or the unterminated tail of the stream) is over the limit.
+
+    ``lines`` holds the complete lines that came before it in the same data:
+    they are valid messages and must still be handled.
+    """
+
+    def __init__(self, message: str, lines: list[bytes] | None = None):
+        super().__init__(message)
+        self.lines = lines or []
 
 
 class LineSplitter:
@@ -68,15 +76,20 @@ class LineSplitter:
             self._buf = self._check_tail(buf)
             return []
         parts = buf.split(b"\n")
-        self._buf = self._check_tail(parts.pop())
-        lines = []
+        tail = parts.pop()
+        lines: list[bytes] = []
         for p in parts:
             if p.endswith(b"\r"):
                 p = p[:-1]
             if len(p) > self.max_length:
-                raise LineTooLong(f"line longer than {self.max_length} bytes")
+                raise LineTooLong(f"line longer than {self.max_length} bytes", lines)
             if p:
                 lines.append(p)
+        try:
+            self._buf = self._check_tail(tail)
+        except LineTooLong as exc:
+            exc.lines = lines
+            raise
         return lines
 
 

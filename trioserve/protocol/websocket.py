@@ -22,6 +22,7 @@ __all__ = [
     "close_frame",
     "frame_batch",
     "is_upgrade",
+    "switching_protocols",
     "text_frame",
 ]
 
@@ -100,6 +101,13 @@ def check_upgrade(
         (b"connection", b"Upgrade"),
         (b"sec-websocket-accept", accept_key(keys[0])),
     ]
+
+
+def switching_protocols(headers: Sequence[tuple[bytes, bytes]]) -> bytes:
+    """The bytes of a 101 response with *headers* (from :func:`check_upgrade`)."""
+    lines = [b"HTTP/1.1 101 Switching Protocols"]
+    lines.extend(name + b": " + value for name, value in headers)
+    return b"\r\n".join(lines) + b"\r\n\r\n"
 
 
 def _header(length: int, first: int) -> bytes:
