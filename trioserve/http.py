@@ -274,6 +274,21 @@ async def _upgrade(h: h11.Connection, transport: Transport, server: Server,
                                                "(max_connections_per_ip)",
                                                [(b"retry-after", b"5")]))
         return None
+    # Hold a slot from the capacity check until the connection is counted:
+    # otherwise every upgrade in flight passes the check (found by a flood test).
+    server._upgrading += 1
+    try:
+        upgrade = await _finish_upgrade(h, transport, request, headers, path, query)
+    except BaseException:
+        server._upgrading -= 1
+        raise
+    if upgrade is None:
+        server._upgrading -= 1
+    return upgrade
+
+
+async def _finish_upgrade(h: h11.Connection, transport: Transport, request: h11.Request,
+                          headers: list[tuple[bytes, bytes]], path: str, query: str) -> Upgrade | None:
     try:
         event = await _next_event(h, transport)
         if isinstance(event, h11.EndOfMessage):

@@ -315,6 +315,7 @@ class Hub:
 
     async def flush(self) -> None:
         """Return once every publication accepted so far has been fanned out."""
+        await self.broker.flush()
         while self._inbox or self._busy:
             await self._idle.park()
         await trio.lowlevel.checkpoint()

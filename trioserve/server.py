@@ -187,6 +187,8 @@ class Server:
         self._sockets = 0
         self._fd_budget = 0
         self._rejected = 0
+        #: Upgrades between the capacity check and being counted as connections.
+        self._upgrading = 0
         self._connects: dict[str, int] = {}
         self._disconnects: dict[int, int] = {}
         self._auth_failures = 0
@@ -395,7 +397,7 @@ class Server:
         return scope
 
     def _has_capacity(self) -> bool:
-        return len(self._connections) < self.max_connections
+        return len(self._connections) + self._upgrading < self.max_connections
 
     # --- per-address limit ------------------------------------------------------------
 
@@ -530,6 +532,9 @@ class Server:
                 conn = WebSocketConnection(transport, self.config, nursery, remote, upgrade.trailing,
                                            queue_total=self._queue_total)
                 self._authenticate(conn, upgrade.token)
+                # The upgrade's reserved slot becomes the connection itself:
+                # _run_connection counts it before its first checkpoint.
+                self._upgrading -= 1
                 await self._run_connection(conn, self.ws_handlers[upgrade.path])
         finally:
             await self._close_transport(transport)

@@ -54,6 +54,10 @@ class Broker:
         """Publish; returns the offset. Raises :class:`BrokerUnavailable`."""
         raise NotImplementedError
 
+    async def flush(self) -> None:
+        """Return once publications this process published have reached the hub
+        (a drain delivers them before its 1001). Synchronous brokers: at once."""
+
     async def join(self, topic: str) -> None:
         """Make sure this node receives *topic* (before a local subscriber is added)."""
 

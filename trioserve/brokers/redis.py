@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import coredis
 import coredis.exceptions
+import coredis.retry
 import orjson
 import trio
 
@@ -103,9 +104,15 @@ class RedisBroker(Broker):
         self.url = url
         self.config = config
         password = getattr(config, "broker_password", None)
-        self._client: coredis.Redis[bytes] = coredis.Redis.from_url(
-            url, password=password, connect_timeout=2, stream_timeout=5
-        ) if password else coredis.Redis.from_url(url, connect_timeout=2, stream_timeout=5)
+        # No retries: a publish script that timed out may still run when Redis
+        # recovers, and re-sending it would publish it twice under two offsets
+        # (a fault test saw 560 publishes become 1,062). The caller gets a 503
+        # instead, and decides.
+        options: dict[str, Any] = {"connect_timeout": 2, "stream_timeout": 5,
+                                   "retry_policy": coredis.retry.NoRetryPolicy()}
+        if password:
+            options["password"] = password
+        self._client: coredis.Redis[bytes] = coredis.Redis.from_url(url, **options)
         self._publish_script = self._client.register_script(_PUBLISH)
         self._position_script = self._client.register_script(_POSITION)
         self._pubsub: Any = None
@@ -114,6 +121,10 @@ class RedisBroker(Broker):
         self._epochs: dict[str, str] = {}
         self._enqueued: dict[str, int | None] = {}
         self._pending: dict[str, list[tuple[str, int, bytes]]] = {}
+        # Highest offset this node published, per topic, until it came back.
+        self._published: dict[str, int] = {}
+        self._inflight = 0
+        self._progress = trio.lowlevel.ParkingLot()
         self._lock = trio.Lock()
         self._leaves_send, self._leaves = trio.open_memory_channel[str](math.inf)
         self.connected = trio.Event()
@@ -133,6 +144,7 @@ class RedisBroker(Broker):
         off_key, hist_key, epoch_key = _keys(topic)
         prefix = b'{"op":"pub","topic":' + orjson.dumps(topic) + b',"offset":'
         suffix = b',"data":' + orjson.dumps(data) + b"}"
+        self._inflight += 1
         try:
             offset, _ = await self._run_script(self._publish_script,
                 keys=[off_key, hist_key, epoch_key],
@@ -141,7 +153,25 @@ class RedisBroker(Broker):
             )
         except _ERRORS as exc:
             raise BrokerUnavailable(f"redis: {exc}") from None
-        return int(offset)
+        finally:
+            self._inflight -= 1
+            if self._progress:
+                self._progress.unpark_all()
+        offset = int(offset)
+        if offset > self._published.get(topic, 0):
+            self._published[topic] = offset
+        return offset
+
+    async def flush(self) -> None:
+        # A publish returns when Redis took it, but this node receives it back
+        # through pub/sub later: a drain must wait for that before its 1001.
+        # Publishes still waiting for Redis's answer count too: their offsets
+        # are not known yet, but their publishers will be told they succeeded.
+        while True:
+            behind = [t for t, off in self._published.items() if _behind(self._enqueued.get(t), off)]
+            if not behind and not self._inflight:
+                return
+            await self._progress.park()
 
     async def join(self, topic: str) -> None:
         if self._enqueued.get(topic) is not None:
@@ -312,6 +342,10 @@ class RedisBroker(Broker):
     def _hand_over(self, topic: str, offset: int, payload: bytes) -> None:
         self._enqueued[topic] = offset
         self.hub.deliver_nowait(topic, offset, payload)
+        if self._published.get(topic, offset + 1) <= offset:
+            del self._published[topic]
+        if self._progress:
+            self._progress.unpark_all()
 
     def _lost(self, topic: str, epoch: str, next_offset: int) -> None:
         """Publications before *next_offset* cannot be delivered: make the
@@ -325,6 +359,13 @@ class RedisBroker(Broker):
         self._epochs[topic] = epoch
         self._enqueued[topic] = next_offset - 1
         self.hub.history.reset(topic, next_offset - 1)
+        if self._progress:
+            self._progress.unpark_all()
+
+
+def _behind(enqueued: int | None, published: int) -> bool:
+    # None: no local subscribers (or joining), so nothing here waits for it.
+    return enqueued is not None and enqueued < published
 
 
 def _first_leaf(exc: BaseException) -> BaseException:
