@@ -347,3 +347,25 @@ class NdjsonClient:
 
     async def aclose(self) -> None:
         await self.stream.aclose()
+
+
+async def subscribe_reply(
+    ws: RawWebSocket, topic: str, since: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Subscribe (with ``since`` for recovery) and return the reply, skipping anything before it."""
+    cmd: dict[str, Any] = {"op": "subscribe", "topic": topic, "id": "sub"}
+    if since is not None:
+        cmd["since"] = since
+    await ws.send_json(cmd)
+    while True:
+        msg = await ws.recv_json()
+        if msg.get("id") == "sub":
+            return msg  # type: ignore[no-any-return]
+
+
+async def next_pub(ws: RawWebSocket) -> dict[str, Any]:
+    """The next publication, skipping replies and events."""
+    while True:
+        msg = await ws.recv_json()
+        if msg.get("op") == "pub":
+            return msg  # type: ignore[no-any-return]

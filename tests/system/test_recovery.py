@@ -7,22 +7,11 @@ from typing import Any
 import pytest
 import trio
 
-from .helpers import RawWebSocket, http_request
+from .helpers import RawWebSocket, http_request, subscribe_reply
 
 pytestmark = pytest.mark.system
 
 LIMIT = 20
-
-
-async def subscribe(ws: RawWebSocket, topic: str, since: dict[str, Any] | None = None) -> dict[str, Any]:
-    cmd: dict[str, Any] = {"op": "subscribe", "topic": topic, "id": "sub"}
-    if since is not None:
-        cmd["since"] = since
-    await ws.send_json(cmd)
-    while True:
-        msg = await ws.recv_json()
-        if msg.get("id") == "sub":
-            return msg  # type: ignore[no-any-return]
 
 
 async def test_reconnect_recovers_exactly_the_missed_publications(start_server: Any) -> None:
@@ -30,7 +19,7 @@ async def test_reconnect_recovers_exactly_the_missed_publications(start_server: 
     hub = rs.server.hub
     with trio.fail_after(LIMIT):
         ws = await RawWebSocket.connect(rs.port)
-        first = await subscribe(ws, "news")
+        first = await subscribe_reply(ws, "news")
         assert first["epoch"] == hub.epoch and first["offset"] == 0 and "recovered" not in first
         for i in range(3):
             hub.publish_nowait("news", i)
@@ -42,7 +31,7 @@ async def test_reconnect_recovers_exactly_the_missed_publications(start_server: 
         await hub.flush()
         ws = await RawWebSocket.connect(rs.port)
         async with ws.stream:
-            reply = await subscribe(ws, "news", {"epoch": first["epoch"], "offset": seen[-1]})
+            reply = await subscribe_reply(ws, "news", {"epoch": first["epoch"], "offset": seen[-1]})
             assert reply["recovered"] is True and reply["offset"] == 8
             assert [p["offset"] for p in reply["publications"]] == [4, 5, 6, 7, 8]
             assert [p["data"] for p in reply["publications"]] == [3, 4, 5, 6, 7]
@@ -56,7 +45,7 @@ async def test_publications_racing_the_recovery_arrive_once(start_server: Any) -
     hub = rs.server.hub
     with trio.fail_after(LIMIT):
         ws = await RawWebSocket.connect(rs.port)
-        epoch = (await subscribe(ws, "t"))["epoch"]
+        epoch = (await subscribe_reply(ws, "t"))["epoch"]
         await ws.aclose()
         for i in range(50):
             hub.publish_nowait("t", i)
@@ -70,7 +59,7 @@ async def test_publications_racing_the_recovery_arrive_once(start_server: Any) -
             nursery.start_soon(keep_publishing)
             ws = await RawWebSocket.connect(rs.port)
             async with ws.stream:
-                reply = await subscribe(ws, "t", {"epoch": epoch, "offset": 0})
+                reply = await subscribe_reply(ws, "t", {"epoch": epoch, "offset": 0})
                 assert reply["recovered"] is True
                 offsets = [p["offset"] for p in reply["publications"]]
                 while not offsets or offsets[-1] < 400:
@@ -87,10 +76,10 @@ async def test_gap_older_than_history_is_not_recovered(start_server: Any) -> Non
     with trio.fail_after(LIMIT):
         ws = await RawWebSocket.connect(rs.port)
         async with ws.stream:
-            reply = await subscribe(ws, "t", {"epoch": hub.epoch, "offset": 3})
+            reply = await subscribe_reply(ws, "t", {"epoch": hub.epoch, "offset": 3})
             assert reply["recovered"] is False and reply["publications"] == []
             assert reply["offset"] == 20 and reply["epoch"] == hub.epoch
-            reply = await subscribe(ws, "t", {"epoch": hub.epoch, "offset": 15})
+            reply = await subscribe_reply(ws, "t", {"epoch": hub.epoch, "offset": 15})
             assert reply["recovered"] is True
             assert [p["offset"] for p in reply["publications"]] == [16, 17, 18, 19, 20]
 
@@ -105,7 +94,7 @@ async def test_a_restarted_server_has_a_new_epoch(start_server: Any) -> None:
     with trio.fail_after(LIMIT):
         ws = await RawWebSocket.connect(after.port)
         async with ws.stream:
-            reply = await subscribe(ws, "t", {"epoch": old_epoch, "offset": 1})
+            reply = await subscribe_reply(ws, "t", {"epoch": old_epoch, "offset": 1})
     assert reply["recovered"] is False and reply["epoch"] != old_epoch and reply["offset"] == 0
 
 
@@ -137,7 +126,7 @@ async def test_recovery_too_big_for_one_reply_is_reported_as_a_gap(start_server:
     with trio.fail_after(LIMIT):
         ws = await RawWebSocket.connect(rs.port)
         async with ws.stream:
-            reply = await subscribe(ws, "big", {"epoch": hub.epoch, "offset": 0})
+            reply = await subscribe_reply(ws, "big", {"epoch": hub.epoch, "offset": 0})
             assert reply["recovered"] is False and reply["publications"] == [] and reply["offset"] == 80
-            reply = await subscribe(ws, "big", {"epoch": hub.epoch, "offset": 50})  # 30 x 20 KB fits
+            reply = await subscribe_reply(ws, "big", {"epoch": hub.epoch, "offset": 50})  # 30 x 20 KB fits
             assert reply["recovered"] is True and len(reply["publications"]) == 30

@@ -8,29 +8,11 @@ import pytest
 import trio
 
 from ..conftest import RedisServer, start_redis
-from .helpers import RawWebSocket, http_publish
+from .helpers import RawWebSocket, http_publish, next_pub, subscribe_reply
 
 pytestmark = pytest.mark.system
 
 LIMIT = 30
-
-
-async def subscribe(ws: RawWebSocket, topic: str, since: dict[str, Any] | None = None) -> dict[str, Any]:
-    cmd: dict[str, Any] = {"op": "subscribe", "topic": topic, "id": "sub"}
-    if since is not None:
-        cmd["since"] = since
-    await ws.send_json(cmd)
-    while True:
-        msg = await ws.recv_json()
-        if msg.get("id") == "sub":
-            return msg  # type: ignore[no-any-return]
-
-
-async def next_pub(ws: RawWebSocket) -> dict[str, Any]:
-    while True:
-        msg = await ws.recv_json()
-        if msg.get("op") == "pub":
-            return msg  # type: ignore[no-any-return]
 
 
 async def two_nodes(start_server: Any, redis: RedisServer, **config: Any) -> tuple[Any, Any]:
@@ -44,7 +26,7 @@ async def test_offsets_are_shared_across_nodes(start_server: Any, redis: RedisSe
     with trio.fail_after(LIMIT):
         on_a, on_b = await RawWebSocket.connect(a.port), await RawWebSocket.connect(b.port)
         async with on_a.stream, on_b.stream:
-            reply_a, reply_b = await subscribe(on_a, "news"), await subscribe(on_b, "news")
+            reply_a, reply_b = await subscribe_reply(on_a, "news"), await subscribe_reply(on_b, "news")
             assert reply_a["epoch"] == reply_b["epoch"] != "" and reply_a["offset"] == 0
             for i in range(5):  # alternate the node that takes the publish
                 node = a if i % 2 == 0 else b
@@ -62,7 +44,7 @@ async def test_a_client_moves_to_another_node_and_recovers_exactly(
     a, b = await two_nodes(start_server, redis)
     with trio.fail_after(LIMIT):
         ws = await RawWebSocket.connect(a.port)
-        first = await subscribe(ws, "t")
+        first = await subscribe_reply(ws, "t")
         for i in range(3):
             await http_publish(a.port, "t", i)
         seen = [(await next_pub(ws))["offset"] for _ in range(3)]
@@ -71,7 +53,7 @@ async def test_a_client_moves_to_another_node_and_recovers_exactly(
             await http_publish(b.port, "t", i)
         ws = await RawWebSocket.connect(b.port)  # reconnects to the other node
         async with ws.stream:
-            reply = await subscribe(ws, "t", {"epoch": first["epoch"], "offset": seen[-1]})
+            reply = await subscribe_reply(ws, "t", {"epoch": first["epoch"], "offset": seen[-1]})
             assert reply["recovered"] is True
             assert [p["offset"] for p in reply["publications"]] == [4, 5, 6, 7, 8, 9, 10]
             await http_publish(a.port, "t", "live")
@@ -86,7 +68,7 @@ async def test_a_node_that_misses_publications_catches_up_from_history(
     with trio.fail_after(LIMIT):
         ws = await RawWebSocket.connect(b.port)
         async with ws.stream:
-            await subscribe(ws, "t")
+            await subscribe_reply(ws, "t")
             await http_publish(a.port, "t", 0)
             assert (await next_pub(ws))["offset"] == 1
             # Cut node b's pub/sub connection; node a keeps publishing meanwhile.
@@ -107,7 +89,7 @@ async def test_redis_down_then_back(start_server: Any, redis: RedisServer) -> No
     with trio.fail_after(LIMIT):
         ws = await RawWebSocket.connect(a.port)
         async with ws.stream:
-            first = await subscribe(ws, "t")
+            first = await subscribe_reply(ws, "t")
             await http_publish(a.port, "t", "before")
             assert (await next_pub(ws))["offset"] == 1
             redis.process.kill()
@@ -131,7 +113,7 @@ async def test_redis_down_then_back(start_server: Any, redis: RedisServer) -> No
             assert frame.close_code == 1013
         ws = await RawWebSocket.connect(a.port)
         async with ws.stream:
-            reply = await subscribe(ws, "t", {"epoch": first["epoch"], "offset": 1})
+            reply = await subscribe_reply(ws, "t", {"epoch": first["epoch"], "offset": 1})
             assert reply["recovered"] is False and reply["epoch"] != first["epoch"]
 
 
@@ -150,7 +132,7 @@ async def test_a_node_listens_only_to_topics_it_has_subscribers_for(
         assert b"ts:pub:room" not in await redis_command(redis, b"PUBSUB CHANNELS ts:pub:*")
         ws = await RawWebSocket.connect(a.port)
         async with ws.stream:
-            await subscribe(ws, "room")
+            await subscribe_reply(ws, "room")
             assert b"ts:pub:room" in await redis_command(redis, b"PUBSUB CHANNELS ts:pub:*")
             await ws.send_json({"op": "unsubscribe", "topic": "room", "id": "u"})
             assert (await ws.recv_json())["id"] == "u"
@@ -165,7 +147,7 @@ async def test_client_publish_while_redis_is_down_is_unavailable(
     with trio.fail_after(LIMIT):
         ws = await RawWebSocket.connect(a.port)
         async with ws.stream:
-            await subscribe(ws, "t")
+            await subscribe_reply(ws, "t")
             redis.process.kill()
             await redis.process.wait()
             await ws.send_json({"op": "publish", "topic": "t", "data": 1, "id": "p"})
