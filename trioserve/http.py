@@ -168,10 +168,13 @@ async def serve_http(transport: Transport, server: Server, remote: str | None) -
         except (UnicodeDecodeError, ValueError):
             await _refuse(h, transport, json_error(400, ErrorCode.BAD_REQUEST, "malformed request target"))
             return None
-        if websocket.is_upgrade(request.headers):
-            return await _upgrade(h, transport, server, request, url.path, url.query, remote)
-        if _header(request.headers, b"transfer-encoding") is not None and \
-                _header(request.headers, b"content-length") is not None:
+        # A plain list: h11's Headers is a Sequence whose item access runs in
+        # Python, and a handshake scans the headers half a dozen times.
+        req_headers = list(request.headers)
+        if websocket.is_upgrade(req_headers):
+            return await _upgrade(h, transport, server, request, req_headers, url.path, url.query, remote)
+        if _header(req_headers, b"transfer-encoding") is not None and \
+                _header(req_headers, b"content-length") is not None:
             # The request-smuggling shape: RFC 9112 6.1 lets us refuse it, and
             # requires closing the connection whatever we do.
             await _refuse(h, transport, json_error(
@@ -180,7 +183,7 @@ async def serve_http(transport: Transport, server: Server, remote: str | None) -
             return None
         too_large = json_error(413, ErrorCode.TOO_LARGE,
                                f"request body over {cfg.max_message_size} bytes")
-        if _declared_length(request.headers) > cfg.max_message_size:
+        if _declared_length(req_headers) > cfg.max_message_size:
             await _refuse(h, transport, too_large, linger=cfg.close_timeout)
             return None
         try:
@@ -198,7 +201,7 @@ async def serve_http(transport: Transport, server: Server, remote: str | None) -
         except (trio.TooSlowError, OSError):
             return None
         head = method == "HEAD"
-        req = Request("GET" if head else method, url.path, parse_qs(url.query), list(request.headers),
+        req = Request("GET" if head else method, url.path, parse_qs(url.query), req_headers,
                       body, remote)
         resp = await server._route(req)
         close = server.draining or h.our_state is h11.MUST_CLOSE
@@ -240,18 +243,18 @@ def _declared_length(headers: Sequence[tuple[bytes, bytes]]) -> int:
 
 
 async def _upgrade(h: h11.Connection, transport: Transport, server: Server,
-                   request: h11.Request, path: str, query: str,
+                   request: h11.Request, req_headers: list[tuple[bytes, bytes]], path: str, query: str,
                    remote: str | None = None) -> Upgrade | None:
     if path not in server.ws_handlers:
         await _refuse(h, transport, json_error(
             404, ErrorCode.NOT_FOUND, f"no WebSocket endpoint at {path}; use {server.config.ws_path}"))
         return None
     try:
-        headers = websocket.check_upgrade(request.method, request.http_version, request.headers)
+        headers = websocket.check_upgrade(request.method, request.http_version, req_headers)
     except websocket.HandshakeError as exc:
         await _refuse(h, transport, json_error(exc.status, ErrorCode.BAD_REQUEST, exc.reason, exc.headers))
         return None
-    origin = _header(request.headers, b"origin")
+    origin = _header(req_headers, b"origin")
     allowed = server.config.allowed_origins
     # Origins guard browsers against cross-site use of their cookies/session;
     # clients that send no Origin are not browsers and are let through.
@@ -278,7 +281,7 @@ async def _upgrade(h: h11.Connection, transport: Transport, server: Server,
     # otherwise every upgrade in flight passes the check (found by a flood test).
     server._upgrading += 1
     try:
-        upgrade = await _finish_upgrade(h, transport, request, headers, path, query)
+        upgrade = await _finish_upgrade(h, transport, req_headers, headers, path, query)
     except BaseException:
         server._upgrading -= 1
         raise
@@ -287,7 +290,7 @@ async def _upgrade(h: h11.Connection, transport: Transport, server: Server,
     return upgrade
 
 
-async def _finish_upgrade(h: h11.Connection, transport: Transport, request: h11.Request,
+async def _finish_upgrade(h: h11.Connection, transport: Transport, req_headers: list[tuple[bytes, bytes]],
                           headers: list[tuple[bytes, bytes]], path: str, query: str) -> Upgrade | None:
     try:
         event = await _next_event(h, transport)
@@ -306,7 +309,7 @@ async def _finish_upgrade(h: h11.Connection, transport: Transport, request: h11.
         await transport.send_all(data)
     except OSError:
         return None
-    return Upgrade(bytes(trailing), _token(request.headers, query), path)
+    return Upgrade(bytes(trailing), _token(req_headers, query), path)
 
 
 def _header(headers: Sequence[tuple[bytes, bytes]], name: bytes) -> bytes | None:
