@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import itertools
 import json
 import math
@@ -24,11 +23,8 @@ import psutil  # type: ignore[import-untyped]
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
+from ..serverproc import LISTENING, REPO, STARTUP_TIMEOUT, ServerProcess, trioserve_process
 from ..system.helpers import OP_CLOSE, OP_PING, OP_PONG, OP_TEXT, RawWebSocket, http_request
-
-REPO = Path(__file__).resolve().parents[2]
-STARTUP_TIMEOUT = 20.0
-_LISTENING = re.compile(rb"listening on http://127\.0\.0\.1:(\d+) ")
 
 #: Figures recorded by the tests, printed at the end of the run (conftest) and
 #: written as JSON to $TRIOSERVE_FAULTS_RESULTS when it is set.
@@ -105,80 +101,22 @@ def machine() -> str:
 # --- servers ----------------------------------------------------------------------------------
 
 
-@attrs.define
-class ServerProc:
-    proc: trio.Process
-    port: int = 0
-    log: bytearray = attrs.Factory(bytearray)
-    eof: bool = False
-    _changed: trio.Event = attrs.Factory(trio.Event)
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def feed(self, data: bytes) -> None:
-        self.log += data
-        self.eof = not data
-        self._changed.set()
-        self._changed = trio.Event()
-
-    async def wait_for_log(self, pattern: bytes | re.Pattern[bytes], start: int = 0) -> re.Match[bytes]:
-        regex = re.compile(re.escape(pattern)) if isinstance(pattern, bytes) else pattern
-        while (match := regex.search(self.log, start)) is None:
-            if self.eof:
-                raise AssertionError(f"{regex.pattern!r} not in the server's log:\n{self.text[-5000:]}")
-            await self._changed.wait()
-        return match
-
-    @property
-    def text(self) -> str:
-        return self.log.decode(errors="replace")
-
-
 @asynccontextmanager
 async def run_server(*args: str, port: int = 0, level: str = "info",
-                     ready: re.Pattern[bytes] = _LISTENING) -> AsyncIterator[ServerProc]:
-    """``python -m trioserve serve --port PORT ARGS``; yields once it listens, kills it at the end."""
-    cmd = [sys.executable, "-m", "trioserve", "serve", "--port", str(port), "--log-level", level, *args]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TRIOSERVE_")}
-    async with trio.open_nursery() as nursery:
-        proc: trio.Process = await nursery.start(functools.partial(
-            trio.run_process, cmd, cwd=REPO, env=env, stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, check=False))
-        sp = ServerProc(proc)
-
-        async def pump() -> None:
-            assert proc.stderr is not None
-            while data := await proc.stderr.receive_some(65536):
-                sp.feed(bytes(data))
-            sp.feed(b"")
-
-        nursery.start_soon(pump)
-        try:
-            with trio.fail_after(STARTUP_TIMEOUT):
-                if level in ("info", "debug"):
-                    sp.port = int((await sp.wait_for_log(ready)).group(ready.groups))
-                else:
-                    # Quieter levels do not log the port: give one and poll it.
-                    assert port, "a fixed port is needed with log levels above info"
-                    sp.port = port
-                    while not await _healthy(port):
-                        assert proc.returncode is None, sp.text
-                        await trio.sleep(0.05)
-            yield sp
-        finally:
-            if proc.returncode is None:
-                # Two signals: a server exits at once, a supervisor kills its workers.
-                proc.send_signal(signal.SIGTERM)
-                proc.send_signal(signal.SIGTERM)
-                with trio.move_on_after(5):
-                    await proc.wait()
-            if proc.returncode is None:
-                proc.kill()
-            with trio.move_on_after(5):
-                await proc.wait()
-            nursery.cancel_scope.cancel()
+                     ready: re.Pattern[bytes] = LISTENING) -> AsyncIterator[ServerProcess]:
+    """``python -m trioserve serve --port PORT ARGS``; yields once it listens, stops it at the end."""
+    async with trioserve_process("serve", "--port", str(port), "--log-level", level, *args) as sp:
+        with trio.fail_after(STARTUP_TIMEOUT):
+            if level in ("info", "debug"):
+                sp.port = int((await sp.wait_for_log(ready)).group(ready.groups))
+            else:
+                # Quieter levels do not log the port: give one and poll it.
+                assert port, "a fixed port is needed with log levels above info"
+                sp.port = port
+                while not await _healthy(port):
+                    assert sp.proc.returncode is None, sp.text
+                    await trio.sleep(0.05)
+        yield sp
 
 
 async def _healthy(port: int) -> bool:

@@ -25,7 +25,7 @@ import trio
 
 from .helpers import (
     Publisher,
-    ServerProc,
+    ServerProcess,
     env_int,
     free_port,
     load_clients,
@@ -45,7 +45,7 @@ DRAIN_TIMEOUT = 20.0
 CHUNK, PAUSE = 25, 0.05
 
 
-async def burst_with_sigterm(server: ServerProc, pub: Publisher, count: int, sigterm_after: int
+async def burst_with_sigterm(server: ServerProcess, pub: Publisher, count: int, sigterm_after: int
                              ) -> dict[str, Any]:
     """Write *count* publish frames; SIGTERM the server after *sigterm_after* of them;
     wait for the publisher's close and the server's exit."""

@@ -2,91 +2,28 @@
 
 from __future__ import annotations
 
-import functools
 import json
-import os
-import re
 import signal
-import subprocess
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from pathlib import Path
 
-import attrs
 import pytest
 import trio
 from trio_websocket import ConnectionClosed, open_websocket_url
 
+from ..serverproc import LISTENING, REPO, STARTUP_TIMEOUT, ServerProcess, trioserve_process
 from .helpers import OP_CLOSE, RawWebSocket, close_code, dumps
 
 pytestmark = pytest.mark.system
 
-REPO = Path(__file__).resolve().parents[2]
-_LISTENING = re.compile(rb"listening on http://127\.0\.0\.1:(\d+) ")
-# Starting Python and importing trio takes a moment on a loaded CI machine.
-STARTUP_TIMEOUT = 15.0
-
-
-@attrs.define
-class ServerProcess:
-    proc: trio.Process
-    port: int = 0
-    log: bytearray = attrs.Factory(bytearray)
-    eof: bool = False
-    _log_changed: trio.Event = attrs.Factory(trio.Event)
-
-    @property
-    def ws_url(self) -> str:
-        return f"ws://127.0.0.1:{self.port}/ws"
-
-    def feed(self, data: bytes) -> None:
-        self.log += data
-        self.eof = not data
-        self._log_changed.set()
-        self._log_changed = trio.Event()
-
-    async def wait_for_log(self, pattern: bytes | re.Pattern[bytes]) -> re.Match[bytes]:
-        regex = re.compile(re.escape(pattern)) if isinstance(pattern, bytes) else pattern
-        while (match := regex.search(self.log)) is None:
-            if self.eof:
-                raise AssertionError(f"{regex.pattern!r} not in the server's log:\n{self.text}")
-            await self._log_changed.wait()
-        return match
-
-    @property
-    def text(self) -> str:
-        return self.log.decode(errors="replace")
-
-
 @asynccontextmanager
 async def run_cli(*args: str) -> AsyncIterator[ServerProcess]:
     """``python -m trioserve serve --port 0 ARGS``, its stderr collected as it comes."""
-    cmd = [sys.executable, "-m", "trioserve", "serve", "--port", "0", "--log-level", "info", *args]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TRIOSERVE_")}
-    async with trio.open_nursery() as nursery:
-        proc: trio.Process = await nursery.start(functools.partial(
-            trio.run_process, cmd, cwd=REPO, env=env, stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, check=False,
-        ))
-        sp = ServerProcess(proc)
-
-        async def pump() -> None:
-            assert proc.stderr is not None
-            while data := await proc.stderr.receive_some(65536):
-                sp.feed(bytes(data))
-            sp.feed(b"")
-
-        nursery.start_soon(pump)
-        try:
-            with trio.fail_after(STARTUP_TIMEOUT):
-                sp.port = int((await sp.wait_for_log(_LISTENING)).group(1))
-            yield sp
-        finally:
-            if proc.returncode is None:
-                proc.kill()
-            with trio.move_on_after(5):
-                await proc.wait()
+    async with trioserve_process("serve", "--port", "0", "--log-level", "info", *args) as sp:
+        with trio.fail_after(STARTUP_TIMEOUT):
+            sp.port = int((await sp.wait_for_log(LISTENING)).group(1))
+        yield sp
 
 
 async def _subscriber(url: str, codes: list[int | None], *, task_status: trio.TaskStatus[None]) -> None:

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
 import re
 import signal
-import subprocess
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -27,8 +25,8 @@ from trioserve.worker import read_worker_config, write_worker_config
 from trioserve.workers import Supervisor
 
 from ..conftest import RedisServer
+from ..serverproc import REPO, STARTUP_TIMEOUT, ServerProcess, trioserve_process
 from .helpers import OP_CLOSE, EndOfStream, RawWebSocket, close_code, dumps, http_publish, http_request
-from .test_cli import REPO, STARTUP_TIMEOUT, ServerProcess
 
 pytestmark = pytest.mark.system
 
@@ -42,46 +40,25 @@ CLIENTS = 40
 @asynccontextmanager
 async def run_workers(*args: str, workers: int = 2) -> AsyncIterator[ServerProcess]:
     """``trioserve serve --port 0 --workers N ARGS``; yields once every worker is ready."""
-    cmd = [sys.executable, "-m", "trioserve", "serve", "--port", "0", "--log-level", "info",
-           "--workers", str(workers), *args]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TRIOSERVE_")}
-    async with trio.open_nursery() as nursery:
-        proc: trio.Process = await nursery.start(functools.partial(
-            trio.run_process, cmd, cwd=REPO, env=env, stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, check=False,
-        ))
-        sp = ServerProcess(proc)
-
-        async def pump() -> None:
-            assert proc.stderr is not None
-            while data := await proc.stderr.receive_some(65536):
-                sp.feed(bytes(data))
-            sp.feed(b"")
-
-        nursery.start_soon(pump)
-        try:
-            with trio.fail_after(STARTUP_TIMEOUT):
-                match = await sp.wait_for_log(_SERVING)
-            assert int(match.group(1)) == workers
-            sp.port = int(match.group(2))
-            yield sp
-        finally:
-            pids = worker_pids(sp)
-            if proc.returncode is None:
-                # Two signals: the second makes the supervisor kill its workers.
-                proc.send_signal(signal.SIGTERM)
-                proc.send_signal(signal.SIGTERM)
-                with trio.move_on_after(5):
-                    await proc.wait()
-            if proc.returncode is None:
-                proc.kill()
-            for pid in pids.values():
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            with trio.move_on_after(5):
-                await proc.wait()
+    pids: dict[int, int] = {}
+    try:
+        async with trioserve_process("serve", "--port", "0", "--log-level", "info",
+                                     "--workers", str(workers), *args) as sp:
+            try:
+                with trio.fail_after(STARTUP_TIMEOUT):
+                    match = await sp.wait_for_log(_SERVING)
+                assert int(match.group(1)) == workers
+                sp.port = int(match.group(2))
+                yield sp
+            finally:
+                pids = worker_pids(sp)
+    finally:
+        # Workers the supervisor could not stop (it was killed itself, say).
+        for pid in pids.values():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
 
 def worker_pids(sp: ServerProcess) -> dict[int, int]:
