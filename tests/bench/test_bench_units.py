@@ -15,7 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 from trioserve.bench import cli as bench_cli
-from trioserve.bench import hist, scrape
+from trioserve.bench import hist, pool, scrape
 from trioserve.bench.report import verdict
 from trioserve.bench.runner import Options, UsageError, parse_target, plan, validate
 from trioserve.cli import main
@@ -78,6 +78,53 @@ def test_metrics_scrapes_are_parsed_and_compared() -> None:
     assert out["server_cpu_us_per_delivery"] == pytest.approx(250.0)
     assert out["disconnects_by_code"] == {"4008": 3.0}
     assert scrape.compare(None, after, 1, 1) == {}
+
+
+WORKERS_METRICS = """\
+# TYPE trioserve_connections gauge
+trioserve_connections{transport="websocket",worker="1"} 300.0
+trioserve_connections{transport="websocket",worker="2"} 200.0
+# TYPE trioserve_worker_up gauge
+trioserve_worker_up{worker="1"} 1.0
+trioserve_worker_up{worker="2"} 1.0
+# TYPE trioserve_fanout_latency_seconds histogram
+trioserve_fanout_latency_seconds_bucket{le="0.1",worker="1"} 90.0
+trioserve_fanout_latency_seconds_bucket{le="0.5",worker="1"} 98.0
+trioserve_fanout_latency_seconds_bucket{le="+Inf",worker="1"} 100.0
+trioserve_fanout_latency_seconds_count{worker="1"} 100.0
+trioserve_fanout_latency_seconds_sum{worker="1"} 9.0
+trioserve_fanout_latency_seconds_bucket{le="0.1",worker="2"} 100.0
+trioserve_fanout_latency_seconds_bucket{le="0.5",worker="2"} 100.0
+trioserve_fanout_latency_seconds_bucket{le="+Inf",worker="2"} 100.0
+trioserve_fanout_latency_seconds_count{worker="2"} 100.0
+trioserve_fanout_latency_seconds_sum{worker="2"} 1.0
+"""
+
+
+def test_a_multi_worker_scrape_is_summed_over_the_workers() -> None:
+    whole = scrape.parse(WORKERS_METRICS)
+    assert scrape.workers(whole) == 2
+    assert whole['trioserve_connections{transport="websocket"}'] == 500
+    assert scrape.workers(scrape.parse(METRICS_BEFORE)) == 1
+    # 190 of 200 fan-outs took ≤ 0.1 s, 198 ≤ 0.5 s, 2 longer.
+    empty: scrape.Scrape = {}
+    assert scrape.bucket_quantile(empty, whole, "trioserve_fanout_latency_seconds", 0.5) == 0.1
+    assert scrape.bucket_quantile(empty, whole, "trioserve_fanout_latency_seconds", 0.99) == 0.5
+    assert scrape.bucket_quantile(empty, whole, "trioserve_fanout_latency_seconds", 0.999) == float("inf")
+    # Only what happened between the scrapes counts.
+    assert scrape.bucket_quantile(whole, whole, "trioserve_fanout_latency_seconds", 0.5) is None
+    out = scrape.compare(dict.fromkeys(whole, 0.0), whole, connected=500, deliveries=1)
+    assert out["workers"] == 2
+    assert out["fanout_latency_mean_ms"] == pytest.approx(50.0)
+    assert out["fanout_latency_p99_le_ms"] == pytest.approx(500.0)
+
+
+def test_the_load_client_event_loop_choice() -> None:
+    assert pool.resolve_loop("asyncio") == "asyncio"
+    expected = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
+    assert pool.resolve_loop("auto") == expected
+    with pytest.raises(ValueError, match="unknown event loop"):
+        pool.resolve_loop("tokio")
 
 
 def test_metrics_url_comes_from_the_bench_url() -> None:

@@ -20,6 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from trio_websocket import ConnectionClosed, open_websocket_url
 
 from trioserve import metrics
+from trioserve.bench import scrape as bench_scrape
 from trioserve.config import Config, ConfigError, HistoryRule, load_config
 from trioserve.worker import read_worker_config, write_worker_config
 from trioserve.workers import Supervisor
@@ -240,6 +241,13 @@ async def test_connections_spread_and_metrics_and_publications_span_workers(redi
                 # Every series says which worker it is from, the process ones too.
                 assert set(per_worker(scraped["process_resident_memory_bytes"])) == {"1", "2"}
                 assert per_worker(scraped["trioserve_max_connections"])["1"] > 0
+                # `trioserve bench` reports the server as a whole: the workers added up.
+                text = (await http_request(sp.port, "GET", "/metrics")).body.decode()
+                whole = bench_scrape.parse(text)
+                assert bench_scrape.workers(whole) == 2
+                assert whole['trioserve_connections{transport="websocket"}'] == CLIENTS
+                assert whole["process_resident_memory_bytes"] == sum(
+                    per_worker(scraped["process_resident_memory_bytes"]).values())
 
                 for _ in range(4):
                     ready = await http_request(sp.port, "GET", "/readyz")

@@ -55,6 +55,7 @@ def build(opts: Options, raw: dict[str, Any]) -> dict[str, Any]:
         "errors": _merge_counts([c["errors"] for c in collected] + [raw.get("publishers", {})
                                                                     .get("errors", {})]),
         "scenario_seconds": raw.get("scenario_seconds"),
+        "client_loop": raw.get("client_loop"),
         "timeline": raw["timeline"],
     }
     deliveries = 0
@@ -162,7 +163,8 @@ def _reasons(counts: dict[str, int]) -> str:
 def render(r: dict[str, Any], console: Console) -> None:
     opts = r["options"]
     console.print(f"[bold]trioserve bench {r['scenario']}[/bold] {opts['url']}: "
-                  f"{opts['connections']:,} connections, {opts['procs']} client process(es), "
+                  f"{opts['connections']:,} connections, {opts['procs']} client process(es) "
+                  f"on {r.get('client_loop') or '?'}, "
                   f"{len(opts['source_ips'] or [])} source address(es)")
     c, conns = r["connect"], r["connections"]
     t = _table("Connections", "", "value")
@@ -235,7 +237,9 @@ def _render_server(s: dict[str, Any], console: Console, per: str) -> None:
     if not s.get("rows"):
         console.print(f"Server /metrics: not available ({s.get('error') or 'no scrape'})")
         return
-    t = _table(f"Server ({s['url']})", "metric", "before", "after", "change")
+    summed = f", summed over {s['workers']} workers" if s.get("workers", 1) > 1 else ""
+    title = f"Server ({s['url']}{summed})"
+    t = _table(title, "metric", "before", "after", "change")
     for row in s["rows"]:
         spec = ",.1f" if row["key"] == "process_resident_memory_bytes" else ",.2f" \
             if row["key"] == "process_cpu_seconds_total" else ",.0f"
@@ -250,4 +254,8 @@ def _render_server(s: dict[str, Any], console: Console, per: str) -> None:
         t.add_row(f"server CPU per {per} (µs)", "", "", fmt(s["server_cpu_us_per_delivery"], ".2f"))
     if s.get("fanout_latency_mean_ms") is not None:
         t.add_row("fan-out latency mean (ms)", "", "", fmt(s["fanout_latency_mean_ms"], ".3f"))
+    for q in ("50", "99"):
+        bound = s.get(f"fanout_latency_p{q}_le_ms")
+        if bound is not None:
+            t.add_row(f"fan-out latency p{q} (ms, bucket bound)", "", "", f"≤ {fmt(bound, ',.1f')}")
     console.print(t)

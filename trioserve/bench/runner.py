@@ -58,6 +58,7 @@ class Options:
     max_loss: float | None = None
     max_connect_failures: int = 0
     progress: bool = True
+    loop: str = "auto"
     topic_prefix: str | None = None
     target: dict[str, Any] = field(default_factory=dict)
 
@@ -261,7 +262,8 @@ class Run:
         murl = scrape.metrics_url(opts.url, opts.metrics_url)
         assert opts.procs is not None
         self.progress.phase(f"starting {opts.procs} load-client process(es)")
-        self.workers = Workers(opts.procs, BenchWorker, name="trioserve-bench")
+        self.workers = Workers(opts.procs, BenchWorker, name="trioserve-bench", loop=opts.loop)
+        result["client_loop"] = self.workers.loop
         poller: asyncio.Task[None] | None = None
         try:
             await self.workers.ask_all({"op": "ping"}, 60)

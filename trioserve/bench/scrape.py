@@ -8,6 +8,7 @@ to its value, so two scrapes subtract key by key.
 from __future__ import annotations
 
 import asyncio
+import math
 import urllib.error
 import urllib.request
 from typing import Any
@@ -26,7 +27,7 @@ SERVER_ROWS: list[tuple[str, str, str]] = [
     ("rejected connections", "trioserve_rejected_connections_total", "delta"),
     ("slow-consumer disconnects", "trioserve_slow_consumer_disconnects_total", "delta"),
     ("heartbeat timeouts", "trioserve_heartbeat_timeouts_total", "delta"),
-    ("publications", "trioserve_publications_total", "delta"),
+    ("publications (fanned out by the hubs)", "trioserve_publications_total", "delta"),
     ("deliveries", "trioserve_deliveries_total", "delta"),
     ("subscriptions", "trioserve_subscriptions", "gauge"),
     ("queued bytes", "trioserve_queued_bytes", "gauge"),
@@ -48,13 +49,27 @@ def metrics_url(url: str, override: str | None = None) -> str | None:
     return None
 
 
+# `serve --workers N` labels every series with its worker; the report wants the
+# server as a whole, so samples differing only in this label are added up.
+WORKER_LABEL = "worker"
+
+
 def parse(text: str) -> Scrape:
     out: Scrape = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
-            out[f"{sample.name}{{{labels}}}" if labels else sample.name] = float(sample.value)
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items())
+                              if k != WORKER_LABEL)
+            key = f"{sample.name}{{{labels}}}" if labels else sample.name
+            out[key] = out.get(key, 0.0) + float(sample.value)
     return out
+
+
+def workers(scrape: Scrape | None) -> int:
+    """How many worker processes answered the scrape; 1 for a single-process server."""
+    if scrape is None:
+        return 0
+    return int(scrape.get("trioserve_worker_up", 1))
 
 
 def _get(url: str, timeout: float) -> str:
@@ -114,10 +129,34 @@ def compare(before: Scrape | None, after: Scrape | None, connected: int,
     fan_s = _delta(before, after, "trioserve_fanout_latency_seconds_sum")
     if fan_n and fan_s is not None:
         out["fanout_latency_mean_ms"] = fan_s / fan_n * 1e3
+        for q in (0.5, 0.99):
+            bound = bucket_quantile(before, after, "trioserve_fanout_latency_seconds", q)
+            out[f"fanout_latency_p{round(q * 100)}_le_ms"] = None if bound is None else bound * 1e3
+    out["workers"] = workers(after)
     rss = _delta(before, mid if mid is not None else after, "process_resident_memory_bytes")
     if rss is not None and connected:
         out["server_rss_per_conn_kb"] = rss / connected / 1024
     return out
+
+
+def bucket_quantile(before: Scrape, after: Scrape, name: str, q: float) -> float | None:
+    """The upper bound of the histogram bucket holding quantile *q* of the new observations.
+
+    Prometheus buckets are coarse (``LATENCY_BUCKETS`` in trioserve/hub.py), so this
+    says "at most X", which is what a target like p99 ≤ 1 s needs. None when
+    nothing was observed, inf when the quantile is past the last bound.
+    """
+    prefix = f'{name}_bucket{{le="'
+    bounds: list[tuple[float, float]] = sorted(
+        (float(key[len(prefix):-2]), value - before.get(key, 0.0))
+        for key, value in after.items() if key.startswith(prefix))
+    if not bounds or bounds[-1][1] <= 0:
+        return None
+    want = q * bounds[-1][1]
+    for upper, cumulative in bounds:
+        if cumulative >= want:
+            return upper
+    return math.inf
 
 
 def _delta(before: Scrape, after: Scrape, key: str) -> float | None:

@@ -28,7 +28,7 @@ import socket
 import time
 from array import array
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import orjson
 
@@ -284,9 +284,9 @@ class WsClient(PushClient):
         self.key = base64.b64encode(os.urandom(16))
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-        transport.write(
+        # uvloop's transports do not subclass asyncio.Transport, so no isinstance check.
+        self.transport = cast(asyncio.Transport, transport)
+        self.transport.write(
             b"GET %s HTTP/1.1\r\nHost: %s\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
             b"Sec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\n\r\n"
             % (self.path.encode(), self.host_header.encode(), self.key)
@@ -389,8 +389,8 @@ class TcpClient(PushClient):
     transport_name = "tcp"
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports do not subclass asyncio.Transport, so no isinstance check.
+        self.transport = cast(asyncio.Transport, transport)
         self.handshake.set_result(None)
 
     def buffer_updated(self, nbytes: int) -> None:
