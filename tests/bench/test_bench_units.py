@@ -249,3 +249,36 @@ def test_publications_right_behind_a_recovering_subscribe_reply_count_from_it() 
         return sub.received, client.gaps, client.dups, sub.recovered
 
     assert asyncio.run(main()) == (3, 0, 0, 2)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("uvloop") is None, reason="uvloop is not installed")
+def test_command_pipe_survives_uvloop_with_large_messages() -> None:
+    # uvloop's add_reader made the pipe non-blocking, so a reply bigger than
+    # the socket buffer failed with EAGAIN and the load-client process quit.
+    import multiprocessing
+    import threading
+
+    import uvloop
+
+    parent, child = multiprocessing.Pipe()
+    big = {"hist": "x" * 4_000_000}
+    received: list[Any] = []
+
+    async def main() -> None:
+        reader = pool.PipeReader(child)
+        try:
+            sender = threading.Thread(target=parent.send, args=(big,))
+            sender.start()
+            received.append(await asyncio.wait_for(reader.get(), 30))
+            sender.join()
+            replier.start()
+            child.send(big)  # larger than the socket buffer: it must block, not fail
+        finally:
+            reader.close()
+
+    reply: list[Any] = []
+    replier = threading.Thread(target=lambda: reply.append(parent.recv()), daemon=True)
+    uvloop.run(main())
+    replier.join(30)
+    assert received == [big]
+    assert reply == [big]

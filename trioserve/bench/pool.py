@@ -72,6 +72,10 @@ class PipeReader:
         self.queue: asyncio.Queue[Any] = asyncio.Queue()
         self._open = True
         asyncio.get_running_loop().add_reader(conn.fileno(), self._readable)
+        # uvloop's add_reader makes the fd non-blocking, and Connection.recv()
+        # and send() then fail mid-message with EAGAIN. Readiness still comes
+        # from the loop; a message, once started, is read or written whole.
+        os.set_blocking(conn.fileno(), True)
 
     def _readable(self) -> None:
         try:
