@@ -4,7 +4,9 @@ One task per connection, the one that made it, reads; nothing else runs while
 the connection is idle. Sending is synchronous: with an empty queue a frame
 goes straight to the socket, and only what the kernel did not take waits in a
 queue, for a writer task that exists only while there is backlog. The
-heartbeat is the deadline of the reader's cancel scope, not a sleeping task.
+heartbeat's timeout is the deadline of the reader's cancel scope, not a
+sleeping task; under a server, the pings themselves come from one task for
+all connections (trioserve/heartbeat.py says why).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import itertools
 import logging
 from collections import deque
 from collections.abc import Callable, Sequence
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import attrs
 import trio
@@ -24,6 +26,9 @@ from .config import Config, SlowConsumerPolicy
 from .protocol.codes import CloseCode, default_reason
 from .protocol.messages import REFRESH_REQUIRED
 from .transport import Transport
+
+if TYPE_CHECKING:
+    from .heartbeat import Heartbeats
 
 __all__ = [
     "RATE_CLOSE_FACTOR",
@@ -144,6 +149,7 @@ class Connection:
     transport_name: ClassVar[str]
 
     __slots__ = (
+        "_beats",
         "_bytes_in",
         "_bytes_out",
         "_close_code",
@@ -190,9 +196,12 @@ class Connection:
         remote: str | None = None,
         *,
         queue_total: QueueTotal | None = None,
+        heartbeats: Heartbeats | None = None,
     ):
         self._transport = transport
         self._total = _NO_TOTAL if queue_total is None else queue_total
+        # None: no sweeping task, the reader's deadline sends each ping itself.
+        self._beats = heartbeats
         self._config = config
         # Writers are spawned here, lazily, so an idle connection has one task.
         self._nursery = nursery
@@ -542,6 +551,8 @@ class Connection:
             deadline = self._ping_sent_at + self._config.ping_timeout
         else:
             deadline = self._last_rx + self._config.ping_interval
+            if self._beats is not None:
+                deadline += self._beats.slack  # the sweep pings; see trioserve/heartbeat.py
         if self._expires_at is not None and self._expires_at < deadline:
             return self._expires_at
         return deadline
@@ -559,6 +570,19 @@ class Connection:
         if self._scope is not None:
             self._scope.deadline = self._next_deadline()
 
+    def ping_if_idle(self, cutoff: float, now: float) -> bool:
+        """Send the heartbeat ping if nothing came in since *cutoff* and none is out.
+
+        Called by :class:`~trioserve.heartbeat.Heartbeats`, whose ``slack``
+        makes the reader's current deadline this ping's timeout.
+        """
+        if self._last_rx > cutoff or self._ping_sent_at is not None \
+                or self.state is not ConnectionState.OPEN:
+            return False
+        self._ping_sent_at = now
+        self._write(self._ping_frame(), 0, limited=False)
+        return True
+
     def _on_deadline(self) -> None:
         now = trio.current_time()
         if self.state is ConnectionState.CLOSING:
@@ -575,8 +599,9 @@ class Connection:
         elif self._ping_sent_at is None:
             self._ping_sent_at = trio.current_time()
             self._write(self._ping_frame(), 0, limited=False)
-        else:
+        elif now >= self._ping_sent_at + self._config.ping_timeout:
             self._start_close(CloseCode.HEARTBEAT_TIMEOUT)
+        # Else the sweep pinged late, and the next deadline is that ping's timeout.
 
     # --- closing ------------------------------------------------------------------------
 

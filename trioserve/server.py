@@ -29,6 +29,7 @@ from .auth import ANONYMOUS, Authenticator, AuthError
 from .brokers import make_broker
 from .config import Config
 from .connection import Connection, ConnectionClosed, ConnectionState, QueueTotal
+from .heartbeat import Heartbeats
 from .history import History
 from .hub import Hub, HubStatistics
 from .protocol import ndjson
@@ -183,6 +184,8 @@ class Server:
         self._routes = http.push_routes(self)
         self._listeners: list[_Listener] = []
         self._connections: set[Connection] = set()
+        self._heartbeats = Heartbeats(self.config.ping_interval, self.config.ping_timeout,
+                                      lambda: self._connections)
         self._idle_scopes: set[trio.CancelScope] = set()
         self._sockets = 0
         self._fd_budget = 0
@@ -283,6 +286,7 @@ class Server:
             async with trio.open_nursery() as root:
                 await root.start(self.hub.run)
                 await root.start(self.hub.broker.run)
+                await root.start(self._heartbeats.run)
                 if self._queue_total.limit:
                     root.start_soon(self._shed_loop)
                 if self.handle_signals:
@@ -530,7 +534,7 @@ class Server:
                 nursery = self._listeners[0].nursery
                 assert nursery is not None
                 conn = WebSocketConnection(transport, self.config, nursery, remote, upgrade.trailing,
-                                           queue_total=self._queue_total)
+                                           queue_total=self._queue_total, heartbeats=self._heartbeats)
                 self._authenticate(conn, upgrade.token)
                 # The upgrade's reserved slot becomes the connection itself:
                 # _run_connection counts it before its first checkpoint.
@@ -565,7 +569,8 @@ class Server:
                 return
             nursery = self._listeners[-1].nursery
             assert nursery is not None
-            conn = TcpConnection(transport, self.config, nursery, remote, queue_total=self._queue_total)
+            conn = TcpConnection(transport, self.config, nursery, remote, queue_total=self._queue_total,
+                                 heartbeats=self._heartbeats)
             if self.config.anonymous_allowed:
                 # Otherwise a TCP client authenticates with its first line, {"op":"connect"}.
                 conn.set_claims(ANONYMOUS)

@@ -6,6 +6,7 @@ import trio
 
 from .config import Config
 from .connection import _FAILED, Connection, ConnectionState, Framing, QueueTotal
+from .heartbeat import Heartbeats
 from .protocol import ndjson
 from .protocol.codes import CloseCode
 from .transport import Transport
@@ -31,8 +32,10 @@ class TcpConnection(Connection):
         remote: str | None = None,
         *,
         queue_total: QueueTotal | None = None,
+        heartbeats: Heartbeats | None = None,
     ):
-        super().__init__(transport, config, nursery, remote, queue_total=queue_total)
+        super().__init__(transport, config, nursery, remote, queue_total=queue_total,
+                         heartbeats=heartbeats)
         self._lines = ndjson.LineSplitter(config.max_message_size)
 
     def frame(self, message: str | bytes) -> bytes:

@@ -12,6 +12,7 @@ from wsproto.connection import ConnectionType
 
 from .config import Config
 from .connection import _FAILED, _REPLIED, Connection, ConnectionState, Framing, QueueTotal
+from .heartbeat import Heartbeats
 from .protocol import websocket
 from .protocol.codes import CloseCode
 from .transport import Transport
@@ -42,8 +43,10 @@ class WebSocketConnection(Connection):
         trailing_data: bytes = b"",
         *,
         queue_total: QueueTotal | None = None,
+        heartbeats: Heartbeats | None = None,
     ):
-        super().__init__(transport, config, nursery, remote, queue_total=queue_total)
+        super().__init__(transport, config, nursery, remote, queue_total=queue_total,
+                         heartbeats=heartbeats)
         self._ws = WSConnection(ConnectionType.SERVER)
         self._parts: list[str | bytes] | None = None
         self._parts_size = 0

@@ -81,3 +81,41 @@ async def test_incomplete_request_head_is_cut_off(start_server: Any, autojump_cl
             start = trio.current_time()
             assert await stream.receive_some(65536) == b""
             assert trio.current_time() - start == pytest.approx(10)
+
+
+async def test_pings_come_from_the_sweep_on_time_without_waking_readers(
+        start_server: Any, autojump_clock: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The server's one heartbeat task sends the pings (trioserve/heartbeat.py):
+    # a reader whose peer answers is never woken by its own deadline.
+    from trioserve.connection import Connection
+
+    deadlines: list[float] = []
+    original = Connection._on_deadline
+
+    def counting(self: Connection) -> None:
+        deadlines.append(trio.current_time())
+        original(self)
+
+    monkeypatch.setattr(Connection, "_on_deadline", counting)
+    rs = await start_server(ping_interval=PING_INTERVAL, ping_timeout=PING_TIMEOUT)
+    tick = min(1.0, PING_INTERVAL / 8)
+    with trio.fail_after(LIMIT):
+        ws = await RawWebSocket.connect(rs.port)
+        async with ws.stream:
+            last_in = trio.current_time()
+            for _ in range(3):
+                frame = await ws.recv_frame()
+                assert frame.opcode == OP_PING, frame
+                waited = trio.current_time() - last_in
+                assert PING_INTERVAL <= waited <= PING_INTERVAL + tick + 0.01, waited
+                await ws.send_frame(OP_PONG, frame.payload)
+                last_in = trio.current_time()
+            assert deadlines == []
+            # No pong this time: the reader's deadline closes within a tick of the timeout.
+            frame = await ws.recv_frame()
+            assert frame.opcode == OP_PING
+            pinged = trio.current_time()
+            frame = await ws.recv_frame()
+            assert (frame.opcode, frame.close_code) == (OP_CLOSE, 4002)
+            assert PING_TIMEOUT <= trio.current_time() - pinged <= PING_TIMEOUT + tick + 0.01
+            assert len(deadlines) == 1

@@ -23,6 +23,7 @@ from trioserve import (
     TcpConnection,
     WebSocketConnection,
 )
+from trioserve.heartbeat import Heartbeats
 from trioserve.protocol import websocket
 
 from .helpers import LinePeer, PairFactory, WSPeer, memory_pair, socket_pair
@@ -120,6 +121,49 @@ async def test_heartbeat_pings_then_closes_4002(pair: PairFactory, autojump_cloc
         await peer.send(event.response())
     assert conn.close_code == CloseCode.HEARTBEAT_TIMEOUT
     assert conn.state is ConnectionState.CLOSED
+
+
+async def test_a_stalled_heartbeat_sweep_leaves_the_pinging_to_the_reader(
+        pair: PairFactory, autojump_clock: Any) -> None:
+    # A Heartbeats whose task never runs: each reader still pings and times out
+    # on its own deadline, only later (the sweep's slack: a tick plus the timeout).
+    transport, client = pair()
+    beats = Heartbeats(25, 10, lambda: ())
+    async with trio.open_nursery() as nursery:
+        conn = WebSocketConnection(transport, Config(ping_interval=25, ping_timeout=10), nursery,
+                                   "peer", heartbeats=beats)
+        nursery.start_soon(listen_only, conn)
+        peer = WSPeer(client)
+        start = trio.current_time()
+        event = await peer.next_event()
+        assert isinstance(event, wse.Ping)
+        assert trio.current_time() - start == pytest.approx(25 + beats.slack)
+        event = await peer.next_event()
+        assert isinstance(event, wse.CloseConnection) and event.code == 4002
+        assert trio.current_time() - start == pytest.approx(35 + beats.slack)
+        nursery.cancel_scope.cancel()
+
+
+async def test_the_sweep_pings_each_silent_connection_once(pair: PairFactory, autojump_clock: Any) -> None:
+    conns: list[Connection] = []
+    beats = Heartbeats(25, 10, lambda: conns)
+    peers = []
+    async with trio.open_nursery() as nursery:
+        for _ in range(3):
+            transport, client = pair()
+            conn = WebSocketConnection(transport, Config(ping_interval=25, ping_timeout=10), nursery,
+                                       "peer", heartbeats=beats)
+            nursery.start_soon(listen_only, conn)
+            conns.append(conn)
+            peers.append(WSPeer(client))
+        await trio.sleep(20)
+        await peers[0].send(wse.TextMessage("activity"))
+        await trio.sleep(5.5)
+        assert beats.sweep() == 2  # the two silent for 25 s; the third spoke 5.5 s ago
+        assert beats.sweep() == 0  # a ping is out: no second one
+        for peer in peers[1:]:
+            assert isinstance(await peer.next_event(), wse.Ping)
+        nursery.cancel_scope.cancel()
 
 
 async def test_pong_and_data_keep_the_connection_alive(pair: PairFactory, autojump_clock: Any) -> None:
