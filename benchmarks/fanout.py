@@ -1,9 +1,12 @@
 """Fan-out benchmark: trioserve vs websockets (asyncio) vs naive trio-websocket.
 
 Runs the servers one after another under the same load client and prints a
-comparison. Run from the repository root:
+comparison: of bursts (``--mode burst``, the default: throughput and CPU per
+delivery) or of publications at a steady rate (``--mode rate``: latency, and
+whether each server keeps up). Run from the repository root:
 
     .venv/bin/python benchmarks/fanout.py [--subscribers 5000] [--bursts 3] ...
+    .venv/bin/python benchmarks/fanout.py --mode rate [--rate 5] [--duration 10] ...
 
 See benchmarks/README.md for what each number means and how it is measured.
 """
@@ -14,10 +17,8 @@ import argparse
 import asyncio
 import sys
 import tempfile
-import time
 import traceback
-from array import array
-from collections.abc import Iterable, Sequence
+from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,8 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
 
 from benchmarks import report  # noqa: E402
 from benchmarks.loadclient import Workers, raise_fd_limit, start_workers  # noqa: E402
+from benchmarks.phase import TOPIC, Sent, delivery_phase, gather_acks, sys_share  # noqa: E402
+from benchmarks.ratephase import planned_publications, rate_line, run_rate  # noqa: E402
 from benchmarks.serverproc import (  # noqa: E402
     HOST,
     SERVERS,
@@ -46,7 +49,6 @@ from trioserve.bench.wsclient import (  # noqa: E402
     subscribe,
 )
 
-TOPIC = "bench"
 WARMUP_TOPIC = "warmup"  # separate topic, so `bench` offsets start at 1
 
 
@@ -102,98 +104,25 @@ async def connect_phase(workers: Workers, port: int, args: argparse.Namespace) -
 
 # -- one publish burst ----------------------------------------------------------
 
-async def gather_acks(acks: list[asyncio.Future[dict[str, Any]]], timeout: float) -> dict[str, Any]:
-    done, pending = await asyncio.wait(acks, timeout=timeout)
-    for fut in pending:
-        fut.cancel()
-    replies = [f.result() for f in done if not f.cancelled() and f.exception() is None]
-    good = [r for r in replies if r.get("ok") is True]
-    return {
-        "ok": len(good),
-        "failed": len(acks) - len(good),
-        "last_ack": time.monotonic(),
-        "offsets": sorted(r.get("offset") for r in good if isinstance(r.get("offset"), int)),
-        "subscribers": sorted({r.get("subscribers") for r in good}, key=str),
-    }
-
-
 async def run_burst(workers: Workers, server: ServerProcess, publisher: WsClient,
                     args: argparse.Namespace) -> dict[str, Any]:
-    armed = await workers.ask([{"op": "arm", "publications": args.publications}] * len(workers), 30)
-    expected = args.publications * sum(r["armed"] for r in armed)
-    client_cpu0 = cpu_sum(r["cpu"] for r in armed)
-    # The wait replies come back as soon as each worker has its share, so the
-    # closing CPU sample is taken right after the last delivery.
-    workers.send([{"op": "wait", "timeout": args.burst_timeout, "stall": args.stall_timeout}]
-                 * len(workers))
-    cpu0 = server.cpu()
-    t_first, acks = publish_burst(publisher, TOPIC, args.publications, args.size)
-    ack_task = asyncio.create_task(gather_acks(acks, args.burst_timeout))
-    try:
-        waits = await workers.replies(args.burst_timeout + 30)
-    except BaseException:
-        ack_task.cancel()
-        raise
-    ack = await ack_task
-    cpu1 = server.cpu()
-    client_cpu1 = cpu_sum(w["cpu"] for w in waits)
-    details = await workers.ask([{"op": "collect"}] * len(workers), 60)
+    def start() -> Coroutine[Any, Any, Sent]:
+        t_first, acks = publish_burst(publisher, TOPIC, args.publications, args.size)
+        return collect_acks(t_first, acks)
 
-    samples = array("d")
-    for d in details:
-        samples.frombytes(d["latencies"])
-    received = sum(w["received"] for w in waits)
-    last_recv = max(w["last_recv"] for w in waits)
-    span = last_recv - t_first if received else None
-    final_offset = ack["offsets"][-1] if ack["offsets"] else None
+    async def collect_acks(t_first: float, acks: list[asyncio.Future[dict[str, Any]]]) -> Sent:
+        return Sent(t_first, t_first, await gather_acks(acks, args.burst_timeout))
+
+    res = await delivery_phase(workers, server, args.publications, args.burst_timeout,
+                               args.stall_timeout, start)
+    received = res.counts["received"]
+    span = res.last_recv - res.sent.t_first if received else None
     return {
-        "expected": expected,
-        "received": received,
-        "lost": expected - received,
-        "worker_status": sorted({w["status"] for w in waits}),
+        **res.counts,
         "seconds": span,
         "deliveries_per_s": received / span if span else None,
-        **cpu_fields("server", cpu0, cpu1, received),
-        **cpu_fields("client", client_cpu0, client_cpu1, received),
-        "latency": report.latency_stats(samples),
-        "acks_ok": ack["ok"],
-        "acks_failed": ack["failed"],
-        "ack_seconds": ack["last_ack"] - t_first,
-        "ack_subscribers": ack["subscribers"],
-        "final_offset": final_offset,
-        "offsets_contiguous": ack["offsets"] == list(range(ack["offsets"][0], ack["offsets"][0]
-                                                            + len(ack["offsets"])))
-        if ack["offsets"] else False,
-        "gaps": sum(d["gaps"] for d in details),
-        "dups": sum(d["dups"] for d in details),
-        "unexpected_frames": sum(d["unexpected"] for d in details),
-        "short_conns": sum(d["short_conns"] for d in details),
-        "closed_conns": sum(d["closed"] for d in details),
-        "close_reasons": [d["close_reasons"] for d in details if d["close_reasons"]],
-        "subscriber_last_offset": [min(d["last_offset_min"] for d in details),
-                                   max(d["last_offset_max"] for d in details)],
+        **res.accounting,
     }
-
-
-def cpu_sum(samples: Iterable[Sequence[float]]) -> tuple[float, ...]:
-    """Add up (total, user, system) samples of several processes."""
-    return tuple(sum(column) for column in zip(*samples, strict=True))
-
-
-def cpu_fields(who: str, before: Sequence[float], after: Sequence[float],
-               deliveries: int) -> dict[str, float | None]:
-    total, user, system = (a - b for a, b in zip(after, before, strict=True))
-    return {
-        f"{who}_cpu_s": total,
-        f"{who}_cpu_user_s": user,
-        f"{who}_cpu_sys_s": system,
-        f"{who}_cpu_us_per_delivery": total / deliveries * 1e6 if deliveries else None,
-    }
-
-
-def sys_share(b: dict[str, Any], who: str) -> str:
-    ticks = b[f"{who}_cpu_user_s"] + b[f"{who}_cpu_sys_s"]
-    return f"{b[f'{who}_cpu_sys_s'] / ticks:.0%}" if ticks > 0 else "n/a"
 
 
 def burst_line(n: int, b: dict[str, Any]) -> str:
@@ -211,7 +140,8 @@ def burst_line(n: int, b: dict[str, Any]) -> str:
 # -- one server, start to finish -------------------------------------------------
 
 async def bench_server(spec: ServerSpec, args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
-    result: dict[str, Any] = {"server": spec.name, "status": "ok", "bursts": []}
+    result: dict[str, Any] = {"server": spec.name, "status": "ok",
+                              **({"rate_phase": None} if args.mode == "rate" else {"bursts": []})}
     unavailable = probe_available(spec)
     if unavailable:
         result["status"] = f"unavailable: {unavailable}"
@@ -251,13 +181,19 @@ async def bench_server(spec: ServerSpec, args: argparse.Namespace, log_dir: Path
             raise PhaseError(f"no subscriber connected: {connect['errors']}")
         await asyncio.sleep(args.settle)
         result["rss_after"] = server.rss()
-        for n in range(1, args.bursts + 1):
-            phase = f"burst {n}"
-            burst = await run_burst(workers, server, publisher, args)
-            result["bursts"].append(burst)
-            print(burst_line(n, burst), flush=True)
+        if args.mode == "rate":
+            phase = "rate phase"
+            rate = result["rate_phase"] = await run_rate(workers, server, publisher, args)
+            print(rate_line(rate), flush=True)
             server.check_alive()  # after recording: a crash's losses stay in the table
-            await asyncio.sleep(args.pause)
+        else:
+            for n in range(1, args.bursts + 1):
+                phase = f"burst {n}"
+                burst = await run_burst(workers, server, publisher, args)
+                result["bursts"].append(burst)
+                print(burst_line(n, burst), flush=True)
+                server.check_alive()
+                await asyncio.sleep(args.pause)
         if connect["failed"]:
             result["status"] = f"{connect['failed']} subscribers failed to connect"
     except Exception as exc:  # one server's failure must not cost the others' results
@@ -294,10 +230,21 @@ async def cleanup(server: ServerProcess | None, workers: Workers | None,
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--mode", choices=("burst", "rate"), default="burst",
+                   help="burst: bursts of --publications sent back to back; "
+                        "rate: --rate publications/s for --duration seconds")
     p.add_argument("--subscribers", type=int, default=5000)
-    p.add_argument("--publications", type=int, default=100, help="publications per burst")
+    p.add_argument("--publications", type=int, default=100, help="burst: publications per burst")
     p.add_argument("--size", type=int, default=64, help="bytes of JSON data per publication")
-    p.add_argument("--bursts", type=int, default=3, help="bursts per server; medians reported")
+    p.add_argument("--bursts", type=int, default=3, help="burst: bursts per server; medians reported")
+    p.add_argument("--rate", type=float, default=5.0, help="rate: publications per second")
+    p.add_argument("--duration", type=float, default=10.0, help="rate: seconds of publishing")
+    p.add_argument("--drain-timeout", type=float, default=60.0,
+                   help="rate: after the last publication, wait at most this long for the "
+                        "deliveries, seconds")
+    p.add_argument("--kept-up-within", type=float, default=1.0,
+                   help="rate: the server kept up if its last delivery came at most this long "
+                        "after the last publication, seconds")
     p.add_argument("--servers", default="trioserve,websockets,trio-websocket",
                    help=f"comma-separated subset of: {', '.join(SERVERS)}")
     p.add_argument("--client-procs", type=int, default=2, help="load-client processes")
@@ -307,11 +254,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="subscribers per source address (127.0.0.2, .3, ...)")
     p.add_argument("--connect-timeout", type=float, default=30, help="per connection, seconds")
     p.add_argument("--phase-timeout", type=float, default=180, help="whole connect phase, seconds")
-    p.add_argument("--burst-timeout", type=float, default=120, help="one burst, seconds")
+    p.add_argument("--burst-timeout", type=float, default=120, help="burst: one burst, seconds")
     p.add_argument("--stall-timeout", type=float, default=15,
-                   help="end a burst after this long without any delivery, seconds")
+                   help="end a burst or the rate phase after this long without any delivery, seconds")
     p.add_argument("--settle", type=float, default=1.0, help="idle seconds before RSS samples")
-    p.add_argument("--pause", type=float, default=0.5, help="idle seconds between bursts")
+    p.add_argument("--pause", type=float, default=0.5, help="burst: idle seconds between bursts")
     p.add_argument("--json", metavar="PATH", help="write all raw numbers as JSON")
     p.add_argument("--markdown", metavar="PATH", help="write a markdown section for BENCHMARKS.md")
     p.add_argument("--log-dir", metavar="DIR", help="keep server logs here (default: a temp dir)")
@@ -324,6 +271,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if min(args.subscribers, args.publications, args.bursts, args.client_procs,
            args.connect_concurrency, args.conns_per_ip) < 1:
         p.error("counts must be >= 1")
+    if min(args.rate, args.duration, args.drain_timeout) <= 0 or args.kept_up_within < 0:
+        p.error("--rate, --duration and --drain-timeout must be > 0, --kept-up-within >= 0")
+    args.rate_publications = planned_publications(args.rate, args.duration)
     if 2 + (args.subscribers - 1) // args.conns_per_ip > 254:
         p.error("too many subscribers for --conns-per-ip: source addresses run past 127.0.0.255")
     return args
@@ -341,11 +291,17 @@ async def run(args: argparse.Namespace) -> int:
     for name in args.server_names:
         print(f"== {name}", flush=True)
         results.append(await bench_server(SERVERS[name], args, log_dir))
-    summaries = [report.summarize(r) for r in results]
-    rats = report.ratios(summaries)
-    rows = report.table_rows(summaries, rats)
+    if args.mode == "rate":
+        summaries = [report.summarize_rate(r) for r in results]
+        rats = report.rate_ratios(summaries)
+        rows = report.rate_table_rows(summaries, rats)
+        notes = report.rate_notes(summaries, args.kept_up_within)
+    else:
+        summaries = [report.summarize(r) for r in results]
+        rats = report.ratios(summaries)
+        rows = report.table_rows(summaries, rats)
+        notes = report.notes(summaries)
     command = report.command_line()
-    notes = report.notes(summaries)
     print()
     print(report.render_text(rows))
     for note in notes:

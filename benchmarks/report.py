@@ -1,4 +1,4 @@
-"""Summaries, ratios and output (table, JSON, markdown) for ``fanout.py``.
+"""Summaries, ratios and output (table, JSON, markdown) for ``fanout.py``, both modes.
 
 Pure functions over the result dicts the orchestrator builds, so the
 formatting can be read (and changed) without touching the measuring code.
@@ -24,9 +24,9 @@ from trioserve.bench.output import (
     write_json,
 )
 
-__all__ = ["command_line", "fmt", "json_safe", "latency_stats", "machine_info", "notes", "percentile",
-           "ratios", "render_markdown", "render_text", "summarize", "table_rows", "write_json",
-           "write_markdown"]
+__all__ = ["command_line", "fmt", "json_safe", "kept_up_text", "latency_stats", "machine_info", "notes",
+           "percentile", "rate_notes", "rate_ratios", "rate_table_rows", "ratios", "render_markdown",
+           "render_text", "summarize", "summarize_rate", "table_rows", "write_json", "write_markdown"]
 
 BASELINE = "websockets"
 
@@ -36,9 +36,8 @@ def median_of(bursts: list[dict[str, Any]], key: Callable[[dict[str, Any]], floa
     return statistics.median(values) if values else None
 
 
-def summarize(result: dict[str, Any]) -> dict[str, Any]:
-    """Headline numbers of one server: medians over bursts, totals for losses."""
-    bursts = result.get("bursts", [])
+def connect_summary(result: dict[str, Any]) -> dict[str, Any]:
+    """The connect phase and memory figures, which both modes measure the same way."""
     connect = result.get("connect") or {}
     rss_before, rss_after = result.get("rss_before"), result.get("rss_after")
     connected = connect.get("ok", 0)
@@ -53,6 +52,14 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
         "handshakes_per_s": connect.get("rate"),
         "server_cpu_us_per_handshake": connect.get("server_cpu_us_per_handshake"),
         "rss_per_conn_kb": rss_per_conn,
+    }
+
+
+def summarize(result: dict[str, Any]) -> dict[str, Any]:
+    """Headline numbers of one server: medians over bursts, totals for losses."""
+    bursts = result.get("bursts", [])
+    return {
+        **connect_summary(result),
         "bursts": len(bursts),
         "bursts_incomplete": sum(1 for b in bursts if b["lost"] or b["worker_status"] != ["ok"]),
         "deliveries_per_s": median_of(bursts, lambda b: b["deliveries_per_s"]),
@@ -65,6 +72,33 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
         "lost": sum(b["lost"] for b in bursts),
         "gaps": sum(b["gaps"] for b in bursts),
         "dups": sum(b["dups"] for b in bursts),
+    }
+
+
+LATENCY_KEYS = ("p50_ms", "p90_ms", "p99_ms", "p99_9_ms", "max_ms")
+
+
+def summarize_rate(result: dict[str, Any]) -> dict[str, Any]:
+    """Headline numbers of one server's rate phase (all None if it never ran)."""
+    r = result.get("rate_phase") or {}
+    lat = r.get("latency") or {}
+    return {
+        **connect_summary(result),
+        "publications_planned": r.get("publications_planned"),
+        "publications_sent": r.get("publications_sent"),
+        "send_rate": r.get("send_rate"),
+        "send_lag_max_ms": r.get("send_lag_max_ms"),
+        "expected": r.get("expected", 0),
+        "received": r.get("received", 0),
+        "lost": r.get("lost", 0),
+        "gaps": r.get("gaps", 0),
+        "dups": r.get("dups", 0),
+        "worker_status": r.get("worker_status", []),
+        **{k: lat.get(k) for k in LATENCY_KEYS},
+        "server_cpu_us_per_delivery": r.get("server_cpu_us_per_delivery"),
+        "client_cpu_us_per_delivery": r.get("client_cpu_us_per_delivery"),
+        "kept_up": r.get("kept_up"),
+        "backlog_s": r.get("backlog_s"),
     }
 
 
@@ -93,14 +127,31 @@ def ratios(summaries: list[dict[str, Any]]) -> dict[str, dict[str, float | None]
     return out
 
 
+RATE_RATIO_KEYS = ("p50_ms", "p99_ms", "server_cpu_us_per_delivery")
+
+
+def rate_ratios(summaries: list[dict[str, Any]]) -> dict[str, dict[str, float | None]]:
+    """Rate mode: latency and CPU per delivery against websockets in the same run."""
+    base = next((s for s in summaries if s["server"] == BASELINE), None)
+    if base is None:
+        return {}
+    return {s["server"]: {k: ratio(s[k], base[k]) for k in RATE_RATIO_KEYS} for s in summaries}
+
+
 # -- rendering -------------------------------------------------------------------
 
-ROWS: list[tuple[str, Callable[[dict[str, Any]], str]]] = [
+Row = tuple[str, Callable[[dict[str, Any]], str]]
+
+CONNECT_ROWS: list[Row] = [
     ("subscribers connected", lambda s: f"{s['connected']:,}" + (
         f" ({s['connect_failed']:,} failed)" if s["connect_failed"] else "")),
     ("handshakes/s (upgrade+subscribe)", lambda s: fmt(s["handshakes_per_s"])),
     ("server CPU us/handshake", lambda s: fmt(s["server_cpu_us_per_handshake"], ".0f")),
     ("server RSS per idle conn (KB)", lambda s: fmt(s["rss_per_conn_kb"], ".1f")),
+]
+
+ROWS: list[Row] = [
+    *CONNECT_ROWS,
     ("deliveries/s (median)", lambda s: fmt(s["deliveries_per_s"])),
     ("server CPU us/delivery (median)", lambda s: fmt(s["server_cpu_us_per_delivery"], ".2f")),
     ("client CPU us/delivery (median)", lambda s: fmt(s["client_cpu_us_per_delivery"], ".2f")),
@@ -121,12 +172,52 @@ RATIO_ROWS = [
 ]
 
 
-def table_rows(summaries: list[dict[str, Any]], rats: dict[str, dict[str, float | None]]) -> list[list[str]]:
+def kept_up_text(r: dict[str, Any]) -> str:
+    """Whether the server kept up with the rate, and the time from last publication to last delivery."""
+    backlog = fmt(r["backlog_s"], ".3f", " s")
+    if r["kept_up"] is None:
+        return "n/a"
+    if r["kept_up"]:
+        return f"yes ({backlog})"
+    if r["worker_status"] != ["ok"] or r["lost"]:
+        return f"no: {','.join(r['worker_status']) or 'not run'} ({r['lost']:,} undelivered)"
+    return f"fell behind ({backlog})"
+
+
+RATE_ROWS: list[Row] = [
+    *CONNECT_ROWS,
+    ("publications sent / planned", lambda s: f"{fmt(s['publications_sent'])} / "
+                                              f"{fmt(s['publications_planned'])}"),
+    ("publish rate achieved (msg/s)", lambda s: fmt(s["send_rate"], ".2f")),
+    ("deliveries expected", lambda s: f"{s['expected']:,}"),
+    ("deliveries received", lambda s: f"{s['received']:,}"),
+    ("deliveries lost", lambda s: f"{s['lost']:,}"),
+    ("offset gaps / dups", lambda s: f"{s['gaps']:,} / {s['dups']:,}"),
+    ("latency p50 ms", lambda s: fmt(s["p50_ms"], ".1f")),
+    ("latency p90 ms", lambda s: fmt(s["p90_ms"], ".1f")),
+    ("latency p99 ms", lambda s: fmt(s["p99_ms"], ".1f")),
+    ("latency p99.9 ms", lambda s: fmt(s["p99_9_ms"], ".1f")),
+    ("latency max ms", lambda s: fmt(s["max_ms"], ".1f")),
+    ("server CPU us/delivery", lambda s: fmt(s["server_cpu_us_per_delivery"], ".2f")),
+    ("client CPU us/delivery", lambda s: fmt(s["client_cpu_us_per_delivery"], ".2f")),
+    ("kept up (last delivery - last pub)", kept_up_text),
+]
+
+RATE_RATIO_ROWS = [
+    ("latency p50 ratio (lower=better)", "p50_ms"),
+    ("latency p99 ratio (lower=better)", "p99_ms"),
+    ("server CPU/delivery ratio (lower=better)", "server_cpu_us_per_delivery"),
+]
+
+
+def table_rows(summaries: list[dict[str, Any]], rats: dict[str, dict[str, float | None]],
+               rows_spec: list[Row] = ROWS,
+               ratio_rows: list[tuple[str, str]] = RATIO_ROWS) -> list[list[str]]:
     rows = [["metric", *(s["server"] for s in summaries)]]
-    for label, render in ROWS:
+    for label, render in rows_spec:
         rows.append([label, *(render(s) for s in summaries)])
     if rats:
-        for label, key in RATIO_ROWS:
+        for label, key in ratio_rows:
             rows.append([f"vs {BASELINE}: {label}",
                          *(fmt(rats.get(s["server"], {}).get(key), "#.3g", "x") for s in summaries)])
     rows.append(["status", *(short_status(s["status"]) for s in summaries)])
@@ -138,8 +229,60 @@ def short_status(status: str) -> str:
     return status if status == "ok" else status.split(":", 1)[0][:24] + " (see notes)"
 
 
+def rate_table_rows(summaries: list[dict[str, Any]],
+                    rats: dict[str, dict[str, float | None]]) -> list[list[str]]:
+    return table_rows(summaries, rats, RATE_ROWS, RATE_RATIO_ROWS)
+
+
 def notes(summaries: list[dict[str, Any]]) -> list[str]:
     return [f"{s['server']}: {s['status']}" for s in summaries if s["status"] != "ok"]
+
+
+# A publisher this late is no longer the steady rate asked for.
+SEND_LAG_NOTE_MS = 50.0
+
+
+def rate_notes(summaries: list[dict[str, Any]], kept_up_within: float) -> list[str]:
+    out = notes(summaries)
+    for s in summaries:
+        backlog = s["backlog_s"]
+        if backlog is not None and backlog > kept_up_within:
+            out.append(f"{s['server']}: fell behind: its last delivery came {backlog:.2f} s after "
+                       f"the last publication (limit {kept_up_within:g} s)")
+        if s["kept_up"] is False and (s["lost"] or s["worker_status"] != ["ok"]):
+            out.append(f"{s['server']}: {s['lost']:,} of {s['expected']:,} deliveries missing when "
+                       f"the phase ended ({', '.join(s['worker_status']) or 'not run'})")
+        lag = s["send_lag_max_ms"]
+        if lag is not None and lag > SEND_LAG_NOTE_MS:
+            out.append(f"{s['server']}: the publisher sent up to {lag:.0f} ms behind its schedule "
+                       f"(the harness was busy); latency counts from the actual send")
+    return out
+
+
+def intro(config: dict[str, Any], date: str) -> list[str]:
+    """The markdown's opening: what was measured, in the run's own numbers."""
+    client = (f"Load client: {config['client_procs']} asyncio processes, "
+              f"{config['connect_concurrency']} connects in flight each. See `benchmarks/README.md` "
+              f"for how each number is measured.")
+    if config.get("mode", "burst") == "rate":
+        return [
+            f"## Fan-out latency at a fixed rate ({date})",
+            "",
+            f"{config['subscribers']:,} subscribers on one topic; one publisher connection sends "
+            f"{config['rate']:g} publications/s with {config['size']}-byte data for "
+            f"{config['duration']:g} s ({config['rate_publications']:,} publications) on a fixed "
+            f"schedule, each stamped with its send time. Latency percentiles are over every "
+            f"delivery; CPU per delivery is from the first publication to the last delivery. Kept "
+            f"up: the last delivery came within {config['kept_up_within']:g} s of the last "
+            f"publication. {client}",
+        ]
+    return [
+        f"## Fan-out benchmark ({date})",
+        "",
+        f"{config['subscribers']:,} subscribers on one topic, bursts of {config['publications']} "
+        f"publications with {config['size']}-byte data from one publisher connection; "
+        f"{config['bursts']} bursts per server, medians reported. {client}",
+    ]
 
 
 def render_markdown(rows: list[list[str]], notes: list[str], command: str,
@@ -149,13 +292,7 @@ def render_markdown(rows: list[list[str]], notes: list[str], command: str,
 
     libs = ", ".join(f"{k} {v}" for k, v in machine["libraries"].items())
     out = [
-        f"## Fan-out benchmark ({machine['date_utc']})",
-        "",
-        f"{config['subscribers']:,} subscribers on one topic, bursts of {config['publications']} "
-        f"publications with {config['size']}-byte data from one publisher connection; "
-        f"{config['bursts']} bursts per server, medians reported. Load client: "
-        f"{config['client_procs']} asyncio processes, {config['connect_concurrency']} connects "
-        f"in flight each. See `benchmarks/README.md` for how each number is measured.",
+        *intro(config, machine["date_utc"]),
         "",
         md_row(rows[0]),
         md_row(["---"] + ["---:"] * (len(rows[0]) - 1)),
