@@ -41,6 +41,7 @@ from benchmarks.serverproc import (  # noqa: E402
     report_exc,
     wait_ready,
 )
+from trioserve.bench.pool import resolve_loop  # noqa: E402
 from trioserve.bench.wsclient import (  # noqa: E402
     Deliveries,
     WsClient,
@@ -307,6 +308,7 @@ async def run(args: argparse.Namespace) -> int:
     for note in notes:
         print(f"note: {note}")
     config = {k: v for k, v in vars(args).items() if k != "server_names"}
+    config["client_loop"] = resolve_loop("auto")
     if args.json:
         report.write_json(args.json, {"command": command, "machine": machine, "config": config,
                                       "summary": summaries, "ratios": rats, "results": results})

@@ -261,7 +261,7 @@ def rate_notes(summaries: list[dict[str, Any]], kept_up_within: float) -> list[s
 
 def intro(config: dict[str, Any], date: str) -> list[str]:
     """The markdown's opening: what was measured, in the run's own numbers."""
-    client = (f"Load client: {config['client_procs']} asyncio processes, "
+    client = (f"Load client: {config['client_procs']} processes on {config.get('client_loop', 'asyncio')}, "
               f"{config['connect_concurrency']} connects in flight each. See `benchmarks/README.md` "
               f"for how each number is measured.")
     if config.get("mode", "burst") == "rate":
