@@ -118,6 +118,8 @@ async def test_storm_reconnects_with_recovery_and_loses_nothing(start_server, tm
     assert (m["published"], m["expected"], m["received"], m["lost"], m["dups"]) == (80, 1600, 1600, 0, 0), \
         res.stdout
     assert r["connections"]["open_at_end"] == 20
+    # The live count (callbacks, not a walk) agrees after the reconnects.
+    assert r["timeline"][-1]["connections"] == 20, r["timeline"][-3:]
 
 
 async def test_echo_and_idle_over_tcp(start_server, tmp_path: Path) -> None:
