@@ -27,11 +27,12 @@ import click
 from .cli import main
 
 #: Server RSS per idle WebSocket connection (subscribed to one topic), in KB:
-#: benchmarks/fanout.py, 5,000 connections (benchmarks/results/fanout.md, README).
-SERVER_KB_PER_CONN = 7.5
-SERVER_KB_SOURCE = ("trioserve RSS per idle WebSocket connection, 5,000 connections in "
-                    "benchmarks/fanout.py (benchmarks/results/fanout.md); measure yours with "
-                    "`trioserve bench idle` (\"RSS per connection\")")
+#: 7.5-7.9 measured by benchmarks/fanout.py at 5,000-15,000 connections and 7.8
+#: per worker in the 100k run (benchmarks/results/, BENCHMARKS.md); rounded up.
+SERVER_KB_PER_CONN = 8.0
+SERVER_KB_SOURCE = ("trioserve RSS per idle WebSocket connection: 7.5-7.9 KB measured at 5,000 to "
+                    "100,000 connections (BENCHMARKS.md, benchmarks/results/), rounded up; "
+                    "measure yours with `trioserve bench idle` (\"RSS per connection\")")
 #: Kernel memory per idle loopback TCP socket, in KB: the Slab growth in
 #: /proc/meminfo over 5,000 connected socket pairs on the project machine
 #: (Linux 6.x), 3.9 to 4.8 KB; rounded up. Queued data comes on top.

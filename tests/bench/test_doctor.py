@@ -120,7 +120,7 @@ def test_cli_json_and_exit_status(tmp_path: Path, hard: int, code: int) -> None:
     assert {c["key"] for c in data["checks"]} >= {
         "fd_hard", "fd_soft", "nr_open", "file_max", "somaxconn", "syn_backlog", "port_range",
         "tcp_mem", "tcp_rmem", "tcp_wmem", "conntrack", "memory"}
-    assert data["per_connection_kb"]["server"] == 7.5
+    assert data["per_connection_kb"]["server"] == 8.0
 
 
 def test_cli_text_names_numbers_and_sources(tmp_path: Path) -> None:
