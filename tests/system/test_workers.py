@@ -154,7 +154,7 @@ async def test_workers_without_a_shared_broker_exit_2(args: list[str], env: dict
 def test_broker_and_workers_validation() -> None:
     assert Config(workers=4, broker="redis://127.0.0.1:6379/0").workers == 4
     assert Config(broker="rediss://cache.example.com:6380/2", broker_password="pw").broker_password == "pw"
-    for kwargs, match in [
+    cases: list[tuple[dict[str, Any], str]] = [
         ({"broker": "http://127.0.0.1:6379"}, r"broker 'http://127.0.0.1:6379' is not a broker URL; "
                                                r"use memory:// or redis://"),
         ({"broker": "redis://:secret@h:x/0"}, r"broker 'redis://:\*\*\*@h:x/0' has an invalid port"),
@@ -165,7 +165,8 @@ def test_broker_and_workers_validation() -> None:
         ({"broker": "redis://:a@h", "broker_password": "b"}, r"keep one"),
         ({"workers": 0}, r"workers must be an integer 1-1024"),
         ({"worker_id": 3, "workers": 2, "broker": "redis://h"}, r"worker_id 3 is over workers = 2"),
-    ]:
+    ]
+    for kwargs, match in cases:
         with pytest.raises(ConfigError, match=match) as info:
             Config(**kwargs)
         assert "secret" not in str(info.value)
@@ -190,9 +191,9 @@ def test_the_worker_config_round_trips(tmp_path: Path) -> None:
 
 
 def test_merged_families_keep_each_worker_apart() -> None:
-    from prometheus_client.metrics_core import CounterMetricFamily, HistogramMetricFamily
+    from prometheus_client.metrics_core import CounterMetricFamily, HistogramMetricFamily, Metric
 
-    def families(connects: int) -> list[metrics.Metric]:
+    def families(connects: int) -> list[Metric]:
         counter = CounterMetricFamily("trioserve_connects", "help", labels=["transport"])
         counter.add_metric(["websocket"], connects)
         hist = HistogramMetricFamily("lat_seconds", "help", buckets=[("0.1", 1), ("+Inf", 2)],
