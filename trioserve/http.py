@@ -407,10 +407,11 @@ def push_routes(server: Server) -> dict[tuple[str, str], RouteHandler]:
         hub = server.hub
         try:
             publications, complete = await hub.history_page(topic, since, limit)
+            epoch, offset = await hub.broker.head(topic)
         except BrokerUnavailable as exc:
             return json_error(503, ErrorCode.UNAVAILABLE, f"broker unavailable: {exc}")
         return json_response(200, {
-            "ok": True, "topic": topic, "epoch": hub.epoch_of(topic), "offset": hub.position(topic),
+            "ok": True, "topic": topic, "epoch": epoch, "offset": offset,
             "complete": complete, "publications": [orjson.Fragment(p) for p in publications],
         })
 

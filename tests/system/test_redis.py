@@ -8,7 +8,7 @@ import pytest
 import trio
 
 from ..conftest import RedisServer, start_redis
-from .helpers import RawWebSocket, http_publish, next_pub, subscribe_reply
+from .helpers import RawWebSocket, http_publish, http_request, next_pub, subscribe_reply
 
 pytestmark = pytest.mark.system
 
@@ -59,6 +59,28 @@ async def test_a_client_moves_to_another_node_and_recovers_exactly(
             await http_publish(a.port, "t", "live")
             live = await next_pub(ws)
             assert (live["offset"], live["data"]) == (11, "live")
+
+
+async def test_history_from_a_node_with_no_subscribers_has_the_real_epoch_and_offset(
+    start_server: Any, redis: RedisServer
+) -> None:
+    # Node b never joined the topic, so only Redis knows its epoch and head.
+    a, b = await two_nodes(start_server, redis)
+    with trio.fail_after(LIMIT):
+        ws = await RawWebSocket.connect(a.port)
+        async with ws.stream:
+            first = await subscribe_reply(ws, "h")
+            for i in range(3):
+                await http_publish(a.port, "h", i)
+            assert [(await next_pub(ws))["offset"] for _ in range(3)] == [1, 2, 3]
+            for node in (a, b):
+                page = (await http_request(node.port, "GET", "/api/history?topic=h&since=1")).json()
+                assert (page["epoch"], page["offset"], page["complete"]) == (first["epoch"], 3, True), page
+                assert [p["offset"] for p in page["publications"]] == [2, 3]
+            assert "h" not in b.server.hub.topics()
+            # A topic nobody has published to yet: offset 0, and an epoch to recover from.
+            fresh = (await http_request(b.port, "GET", "/api/history?topic=never")).json()
+            assert fresh["offset"] == 0 and fresh["epoch"] != "" and fresh["publications"] == []
 
 
 async def test_a_node_that_misses_publications_catches_up_from_history(

@@ -64,6 +64,11 @@ class Broker:
     def leave(self, topic: str) -> None:
         """This node has no more subscribers to *topic*."""
 
+    async def head(self, topic: str) -> tuple[str, int]:
+        """*topic*'s epoch and last offset, even on a node with no subscribers to
+        it (``GET /api/history``). Memory brokers: the hub's own view."""
+        return self.epoch(topic), self.hub.position(topic)
+
     async def fetch(self, topic: str, after: int, limit: int | None = None
                     ) -> tuple[list[tuple[int, bytes]], int]:
         """History the node's own may lack: the unbroken run of publications

@@ -199,6 +199,19 @@ class RedisBroker(Broker):
     def leave(self, topic: str) -> None:
         self._leaves_send.send_nowait(topic)
 
+    async def head(self, topic: str) -> tuple[str, int]:
+        if self._enqueued.get(topic) is not None:
+            # Joined: what this node has fanned out, in step with its subscribers.
+            return self._epochs[topic], self.hub.position(topic)
+        # Not joined, so this node follows neither the offsets nor the epoch: ask Redis.
+        off_key, _, epoch_key = _keys(topic)
+        try:
+            position, epoch = await self._run_script(
+                self._position_script, keys=[off_key, epoch_key], args=[secrets.token_hex(8), _KEEP])
+        except _ERRORS as exc:
+            raise BrokerUnavailable(f"redis: {exc}") from None
+        return _text(epoch), int(position)
+
     async def fetch(self, topic: str, after: int, limit: int | None = None
                     ) -> tuple[list[tuple[int, bytes]], int]:
         _, hist_key, _ = _keys(topic)
