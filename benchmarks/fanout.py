@@ -41,7 +41,7 @@ from benchmarks.serverproc import (  # noqa: E402
     report_exc,
     wait_ready,
 )
-from trioserve.bench.pool import resolve_loop  # noqa: E402
+from trioserve.bench.pool import connect_totals, resolve_loop  # noqa: E402
 from trioserve.bench.wsclient import (  # noqa: E402
     Deliveries,
     WsClient,
@@ -91,16 +91,7 @@ async def connect_phase(workers: Workers, port: int, args: argparse.Namespace) -
              "concurrency": args.connect_concurrency, "timeout": args.connect_timeout,
              "phase_timeout": args.phase_timeout} for share in shares]
     replies = await workers.ask(cmds, args.phase_timeout + 30)
-    ok = sum(r["ok"] for r in replies)
-    start = min(r["start"] for r in replies)
-    end = max(r["end"] for r in replies)
-    errors: dict[str, int] = {}
-    for r in replies:
-        for k, v in r["errors"].items():
-            errors[k] = errors.get(k, 0) + v
-    return {"ok": ok, "failed": sum(r["failed"] for r in replies), "errors": errors,
-            "seconds": end - start, "rate": ok / (end - start) if ok and end > start else None,
-            "per_process": [r["ok"] for r in replies]}
+    return {**connect_totals(replies), "per_process": [r["ok"] for r in replies]}
 
 
 # -- one publish burst ----------------------------------------------------------

@@ -579,9 +579,12 @@ class Connection:
         if self._last_rx > cutoff or self._ping_sent_at is not None \
                 or self.state is not ConnectionState.OPEN:
             return False
+        self._ping(now)
+        return True
+
+    def _ping(self, now: float) -> None:
         self._ping_sent_at = now
         self._write(self._ping_frame(), 0, limited=False)
-        return True
 
     def _on_deadline(self) -> None:
         now = trio.current_time()
@@ -597,8 +600,7 @@ class Connection:
                 self._expires_at = now + self._config.refresh_grace
                 self.send_encoded(REFRESH_REQUIRED)
         elif self._ping_sent_at is None:
-            self._ping_sent_at = trio.current_time()
-            self._write(self._ping_frame(), 0, limited=False)
+            self._ping(now)
         elif now >= self._ping_sent_at + self._config.ping_timeout:
             self._start_close(CloseCode.HEARTBEAT_TIMEOUT)
         # Else the sweep pinged late, and the next deadline is that ping's timeout.

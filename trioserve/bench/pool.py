@@ -64,6 +64,20 @@ def describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"[:160]
 
 
+def connect_totals(replies: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The load-client processes' ``connect`` replies added up: ok, failed,
+    errors by kind, and the rate over the span from first start to last end."""
+    ok = sum(r["ok"] for r in replies)
+    start = min(r["start"] for r in replies)
+    end = max(r["end"] for r in replies)
+    errors: dict[str, int] = {}
+    for r in replies:
+        for k, v in r["errors"].items():
+            errors[k] = errors.get(k, 0) + v
+    return {"ok": ok, "failed": sum(r["failed"] for r in replies), "errors": errors,
+            "seconds": end - start, "rate": ok / (end - start) if ok and end > start else None}
+
+
 class PipeReader:
     """Turns a multiprocessing pipe into an awaitable queue on this loop."""
 

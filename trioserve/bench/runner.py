@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 
 from . import hist, report, scrape
 from .output import fmt
-from .pool import PhaseError, Workers
+from .pool import PhaseError, Workers, connect_totals
 from .progress import Progress
 from .publisher import Publishers
 from .worker import BenchWorker
@@ -182,19 +182,12 @@ class Run:
                  "concurrency": opts.connect_concurrency, "timeout": opts.connect_timeout,
                  "phase_timeout": phase_timeout} for share in shares]
         replies = await self.workers.ask(cmds, phase_timeout + 30)
-        ok = sum(r["ok"] for r in replies)
-        start = min(r["start"] for r in replies)
-        end = max(r["end"] for r in replies)
-        errors: dict[str, int] = {}
-        for r in replies:
-            for k, v in r["errors"].items():
-                errors[k] = errors.get(k, 0) + v
+        totals = connect_totals(replies)
         grown = sum(r["rss_after"] - r["rss_before"] for r in replies)
         self.client_cpu_connected = sum(r["cpu"][0] for r in replies)
-        return {"target": opts.connections, "ok": ok, "failed": sum(r["failed"] for r in replies),
-                "client_rss_per_conn_kb": grown / ok / 1024 if ok else None,
-                "errors": errors, "seconds": end - start,
-                "rate": ok / (end - start) if ok and end > start else None}
+        ok = totals["ok"]
+        return {"target": opts.connections, **totals,
+                "client_rss_per_conn_kb": grown / ok / 1024 if ok else None}
 
     async def storm_waves(self, duration: float) -> list[dict[str, Any]]:
         assert self.workers is not None

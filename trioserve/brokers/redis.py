@@ -183,18 +183,16 @@ class RedisBroker(Broker):
                 raise BrokerUnavailable("redis is not connected")
             self._enqueued[topic] = None
             self._pending[topic] = []
-            off_key, _, epoch_key = _keys(topic)
             try:
                 # Subscribe first, then read the position: every publication
                 # after it is sure to arrive on the channel.
                 await self._pubsub.subscribe(_channel(topic))
-                position, epoch = await self._run_script(
-                    self._position_script, keys=[off_key, epoch_key], args=[secrets.token_hex(8), _KEEP])
+                epoch, position = await self._position(topic)
             except _ERRORS as exc:
                 self._enqueued.pop(topic, None)
                 self._pending.pop(topic, None)
                 raise BrokerUnavailable(f"redis: {exc}") from None
-            self._start_topic(topic, _text(epoch), int(position))
+            self._start_topic(topic, epoch, position)
 
     def leave(self, topic: str) -> None:
         self._leaves_send.send_nowait(topic)
@@ -204,12 +202,16 @@ class RedisBroker(Broker):
             # Joined: what this node has fanned out, in step with its subscribers.
             return self._epochs[topic], self.hub.position(topic)
         # Not joined, so this node follows neither the offsets nor the epoch: ask Redis.
-        off_key, _, epoch_key = _keys(topic)
         try:
-            position, epoch = await self._run_script(
-                self._position_script, keys=[off_key, epoch_key], args=[secrets.token_hex(8), _KEEP])
+            return await self._position(topic)
         except _ERRORS as exc:
             raise BrokerUnavailable(f"redis: {exc}") from None
+
+    async def _position(self, topic: str) -> tuple[str, int]:
+        """*topic*'s epoch (made now if it has none) and last offset, from Redis."""
+        off_key, _, epoch_key = _keys(topic)
+        position, epoch = await self._run_script(
+            self._position_script, keys=[off_key, epoch_key], args=[secrets.token_hex(8), _KEEP])
         return _text(epoch), int(position)
 
     async def fetch(self, topic: str, after: int, limit: int | None = None
@@ -277,12 +279,10 @@ class RedisBroker(Broker):
         self._pubsub = pubsub
         self.connected.set()
         for topic in topics:
-            off_key, _, epoch_key = _keys(topic)
-            position, epoch = await self._run_script(
-                self._position_script, keys=[off_key, epoch_key], args=[secrets.token_hex(8), _KEEP])
+            epoch, position = await self._position(topic)
             last = self._enqueued.get(topic)
-            if last is not None and (int(position) > last or _text(epoch) != self._epochs[topic]):
-                await self._deliver(topic, _text(epoch), int(position), None)
+            if last is not None and (position > last or epoch != self._epochs[topic]):
+                await self._deliver(topic, epoch, position, None)
 
     async def _leave_loop(self) -> None:
         async for topic in self._leaves:
