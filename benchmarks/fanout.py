@@ -272,10 +272,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 async def run(args: argparse.Namespace) -> int:
-    hard = raise_fd_limit()
+    soft, _hard = raise_fd_limit()
     need = args.subscribers + 200
-    if need > hard:
-        print(f"warning: the server needs ~{need} fds but the limit is {hard}", file=sys.stderr)
+    if need > soft:
+        print(f"warning: the server needs ~{need} fds but the limit is {soft}", file=sys.stderr)
     machine = report.machine_info()
     log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="fanout-logs-"))
     log_dir.mkdir(parents=True, exist_ok=True)

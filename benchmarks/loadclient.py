@@ -17,8 +17,9 @@ import gc
 import time
 from typing import Any
 
-from trioserve.bench.pool import Workers, describe, own_cpu, raise_fd_limit
+from trioserve.bench.pool import Workers, describe, own_cpu
 from trioserve.bench.wsclient import Deliveries, WsClient, open_ws, subscribe
+from trioserve.net.listeners import raise_fd_limit
 
 __all__ = ["FanoutWorker", "Workers", "raise_fd_limit", "start_workers"]
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """atheris target: arbitrary bytes as a client's stream on the HTTP + WebSocket port.
 
-The bytes go through the real ``trioserve.http.serve_http`` (h11 parsing, the
+The bytes go through the real ``trioserve.net.httpd.serve_http`` (h11 parsing, the
 upgrade checks, the routes, refusals) over a fake transport; see
 fuzz/harness.py for the oracles. Run it with fuzz/run.sh, or directly:
 

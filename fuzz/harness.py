@@ -42,10 +42,13 @@ import orjson
 import trio
 
 from trioserve import Config, Server
-from trioserve.connection import ConnectionClosed
-from trioserve.http import Upgrade, serve_http
-from trioserve.transport import Transport
-from trioserve.ws_connection import WebSocketConnection
+from trioserve.net.admission import Admission, IdleScopes
+from trioserve.net.connection import ConnectionClosed
+from trioserve.net.httpd import HttpSite, Router, Upgrade, serve_http
+from trioserve.net.transport import Transport
+from trioserve.net.websocket import WebSocketConnection
+from trioserve.push.api import api_routes
+from trioserve.server.server import server_routes
 
 __all__ = ["FuzzTransport", "OracleError", "http_one_input", "splits", "websocket_one_input"]
 
@@ -161,12 +164,14 @@ def _check(condition: bool, message: str, *context: Any) -> None:
 
 # --- HTTP ------------------------------------------------------------------------------------
 
-def _fresh_server() -> Server:
-    """A new Server per run (~50 us), so state left by one run (offsets of
-    publications) cannot make the next one answer differently."""
+def _fresh_site() -> HttpSite:
+    """The HTTP side of a new Server per run (~50 us), so state left by one run
+    (offsets of publications) cannot make the next one answer differently."""
     server = Server(CONFIG)
-    server.max_connections = 1 << 30  # serve() sets it from the fd limit; it is not run here
-    return server
+    admission = Admission(CONFIG, set())
+    admission.max_connections = 1 << 30  # serve() sizes it from the fd limit; it is not run here
+    router = Router({**server_routes(server), **api_routes(server)})
+    return HttpSite(CONFIG, admission, IdleScopes(), router, server.ws_handlers)
 
 
 def request_methods(data: bytes) -> list[bytes]:
@@ -263,7 +268,7 @@ def _check_http_output(data: bytes, out: bytes, result: Upgrade | None) -> HttpO
 
 async def _serve_http_once(chunks: list[bytes]) -> HttpOutcome:
     transport = FuzzTransport(chunks)
-    result = await serve_http(transport, _fresh_server(), "fuzz")
+    result = await serve_http(transport, _fresh_site(), "fuzz")
     return _check_http_output(b"".join(chunks), bytes(transport.out), result)
 
 

@@ -1,27 +1,28 @@
 """trioserve: a Trio connection server for WebSocket and TCP push.
 
 The public API is what this module exports; everything else is internal.
+docs/architecture.md draws the layers behind it.
 """
 
 from __future__ import annotations
 
-from .auth import Authenticator, AuthError, Claims
+from ._version import __version__
 from .config import Config, ConfigError, HistoryRule, SlowConsumerPolicy, load_config
-from .connection import (
+from .net.connection import (
     Connection,
     ConnectionClosed,
     ConnectionState,
     ConnectionStatistics,
 )
-from .http import Request, Response
-from .hub import Hub, HubClosed, HubOverloaded, HubStatistics, PublishResult, Recovery
+from .net.httpd import Request, Response
+from .net.tcp import TcpConnection
+from .net.websocket import WebSocketConnection
+from .protocol.claims import AuthError, Claims
 from .protocol.codes import CloseCode, ErrorCode
 from .protocol.messages import Command, ProtocolError
+from .push.hub import Hub, HubClosed, HubOverloaded, HubStatistics, PublishResult, Recovery
 from .server import Handler, OpHandler, Reject, Server, ServerStatistics
-from .tcp_connection import TcpConnection
-from .ws_connection import WebSocketConnection
-
-__version__ = "0.1.0"
+from .server.auth import Authenticator
 
 __all__ = [
     "AuthError",

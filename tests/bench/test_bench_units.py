@@ -16,9 +16,9 @@ from click.testing import CliRunner
 
 from trioserve.bench import cli as bench_cli
 from trioserve.bench import hist, pool, scrape
+from trioserve.bench.options import Options, UsageError, parse_target, plan, validate
 from trioserve.bench.report import verdict
-from trioserve.bench.runner import Options, UsageError, parse_target, plan, validate
-from trioserve.cli import main
+from trioserve.ops.cli import main
 
 
 def test_histograms_merge_across_processes_exactly() -> None:

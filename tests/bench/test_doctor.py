@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from trioserve.cli import main
-from trioserve.doctor import run_checks
+from trioserve.ops.cli import main
+from trioserve.ops.doctor import run_checks
 
 LIMITS = """\
 Limit                     Soft Limit           Hard Limit           Units

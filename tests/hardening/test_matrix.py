@@ -586,7 +586,7 @@ async def _(ctx: Ctx) -> None:
     await stream.send_all(f"GET /ws HTTP/1.1\r\n{host(ctx)}".encode())
     await trio.testing.wait_all_tasks_blocked()
     reset_socket(stream)
-    await wait_until(lambda: ctx.rs.server._sockets == 1, what="the half-open socket to be dropped")
+    await wait_until(lambda: ctx.rs.server._admission.sockets == 1, what="the half-open socket to be dropped")
     ctx.observe("socket dropped")
 
 

@@ -39,12 +39,11 @@ from wsproto.connection import ConnectionType
 from wsproto.frame_protocol import FrameProtocol, Opcode
 
 from fuzz import harness
-from trioserve import Config, ConnectionClosed, TcpConnection, WebSocketConnection
-from trioserve.auth import Authenticator, AuthError
+from trioserve import Authenticator, AuthError, Config, ConnectionClosed, TcpConnection, WebSocketConnection
+from trioserve.net.transport import StreamTransport
 from trioserve.protocol import ndjson
 from trioserve.protocol.messages import ProtocolError, encode_reply, parse_command
 from trioserve.protocol.websocket import HandshakeError, accept_key, check_upgrade, is_upgrade
-from trioserve.transport import StreamTransport
 
 from .harness import SECRET, b64url, rsa_keys
 

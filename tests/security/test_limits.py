@@ -13,9 +13,9 @@ import trio
 
 from trioserve import Config, Connection
 from trioserve.config import DEFAULT_MAX_CONNECTIONS_PER_IP, ConfigError
-from trioserve.connection import RATE_CLOSE_FACTOR
+from trioserve.net.admission import peer_key
+from trioserve.net.connection import RATE_CLOSE_FACTOR
 from trioserve.protocol.codes import CloseCode
-from trioserve.server import _peer_key
 
 from .helpers import Closed, Lines, Refused, Ws
 
@@ -32,14 +32,14 @@ def test_per_ip_default_exempts_loopback_only() -> None:
 
 
 def test_peer_keys_group_ipv6_by_64() -> None:
-    assert _peer_key("203.0.113.7:5000") == ("203.0.113.7", False)
-    assert _peer_key("127.0.0.2:5000") == ("127.0.0.2", True)
-    a, _ = _peer_key("[2001:db8:1:2::1]:443")
-    b, _ = _peer_key("[2001:db8:1:2:ffff::9]:443")
-    c, _ = _peer_key("[2001:db8:1:3::1]:443")
+    assert peer_key("203.0.113.7:5000") == ("203.0.113.7", False)
+    assert peer_key("127.0.0.2:5000") == ("127.0.0.2", True)
+    a, _ = peer_key("[2001:db8:1:2::1]:443")
+    b, _ = peer_key("[2001:db8:1:2:ffff::9]:443")
+    c, _ = peer_key("[2001:db8:1:3::1]:443")
     assert a == b != c
-    assert _peer_key("[::1]:80")[1] is True
-    assert _peer_key("[::ffff:198.51.100.1]:80") == ("198.51.100.1", False)
+    assert peer_key("[::1]:80")[1] is True
+    assert peer_key("[::ffff:198.51.100.1]:80") == ("198.51.100.1", False)
 
 
 async def test_over_max_connections_per_ip_gets_503_and_1013(start_server: Any) -> None:
@@ -69,14 +69,14 @@ async def test_over_max_connections_per_ip_gets_503_and_1013(start_server: Any) 
 
         # A slot frees up when a client leaves.
         await second.aclose()
-        while rs.server._per_ip.get("127.0.0.1", 0) > 1:
+        while rs.server._admission._per_ip.get("127.0.0.1", 0) > 1:
             await trio.sleep(0.01)
         third = await Ws.connect(rs.port)
         assert (await third.request({"op": "ping", "id": 3}))["ok"] is True
         for client in (first, third, other):
             await client.aclose()
     with trio.fail_after(5):
-        while rs.server._per_ip:
+        while rs.server._admission._per_ip:
             await trio.sleep(0.01)
 
 
@@ -85,7 +85,7 @@ async def test_loopback_is_exempt_by_default(start_server: Any) -> None:
     assert rs.server.config.max_connections_per_ip is None
     with trio.fail_after(10):
         clients = [await Ws.connect(rs.port) for _ in range(5)]
-        assert rs.server._per_ip == {}  # loopback peers are not even counted
+        assert rs.server._admission._per_ip == {}  # loopback peers are not even counted
         for client in clients:
             await client.aclose()
 
@@ -272,8 +272,8 @@ async def test_queued_total_tracks_each_queue(start_server: Any) -> None:
 def test_limits_and_tls_from_file_environment_and_flags(tmp_path: Any) -> None:
     from click.testing import CliRunner
 
-    from trioserve.cli import main
     from trioserve.config import load_config
+    from trioserve.ops.cli import main
 
     path = tmp_path / "trioserve.toml"
     path.write_text('max_connections_per_ip = 50\nrate_limit = 20.0\nrate_burst = 40\n'

@@ -12,9 +12,9 @@ import pytest
 import trio
 
 from trioserve import Config
-from trioserve.brokers.redis import RedisBroker
 from trioserve.config import ConfigError, load_config, redact_url
 from trioserve.protocol.codes import CloseCode
+from trioserve.push.brokers.redis import RedisBroker
 
 from .helpers import Closed, Lines, Ws, dumps, http
 

@@ -18,8 +18,8 @@ from trio_websocket import open_websocket_url
 import trioserve.client
 from trioserve import Config, Server
 from trioserve.config import ConfigError
+from trioserve.net.tls import server_context
 from trioserve.protocol.codes import CloseCode
-from trioserve.tls import server_context
 
 from .helpers import HOST, Lines, Ws, dumps, http
 
@@ -149,7 +149,7 @@ async def test_plain_text_client_on_the_tls_port_is_closed(start_server: Any, ce
         client = await Ws.connect(rs.port, tls=certs.client)
         assert (await client.request({"op": "ping", "id": 1}))["ok"] is True
         await client.aclose()
-    while rs.server._sockets > 0:
+    while rs.server._admission.sockets > 0:
         await trio.sleep(0.01)
 
 
@@ -161,7 +161,7 @@ async def test_silent_client_is_cut_at_the_handshake_timeout(start_server: Any, 
     assert await stream.receive_some(100) == b""
     assert trio.current_time() - start == pytest.approx(7)
     await stream.aclose()
-    assert rs.server._sockets == 0
+    assert rs.server._admission.sockets == 0
 
 
 async def test_ssl_context_argument(start_server: Any, certs: Certs) -> None:

@@ -21,8 +21,8 @@ import trio
 from click.testing import CliRunner, Result
 from trio_websocket import open_websocket_url
 
-from trioserve import cli
 from trioserve.config import Config, load_config
+from trioserve.ops import cli
 
 pytestmark = pytest.mark.system
 

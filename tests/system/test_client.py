@@ -66,7 +66,7 @@ async def next_pub(sub: Subscription) -> Publication:
 
 async def test_subscribe_publish_presence_ping(start_server: Any) -> None:
     rs = await start_server(client_publish=True)
-    epoch = rs.server.hub.epoch
+    epoch = rs.server.hub.epoch_of("news")
     with trio.fail_after(LIMIT):
         async with connect(rs.ws_url) as alice, connect(rs.ws_url) as bob:
             async with alice.subscribe("news") as sub:
@@ -176,7 +176,7 @@ async def test_resume_from_a_saved_position(start_server: Any) -> None:
             hub.publish_nowait("news", "a")
             assert (await next_pub(sub)).data == "a"
             saved = sub.position
-        assert saved == StreamPosition(hub.epoch, 1)
+        assert saved == StreamPosition(hub.epoch_of("news"), 1)
         for data in "bcd":
             hub.publish_nowait("news", data)
         async with connect(rs.ws_url) as c, c.subscribe("news", since=saved) as sub:
@@ -319,14 +319,14 @@ async def _restart(rs: Any, start_server: Any) -> Any:
 
 async def test_server_restart_raises_recovery_gap(start_server: Any, autojump_clock: Any) -> None:
     rs1 = await start_server()
-    epoch1 = rs1.server.hub.epoch
+    epoch1 = rs1.server.hub.epoch_of("news")
     with trio.fail_after(LIMIT):
         async with connect(rs1.ws_url) as c, c.subscribe("news") as sub:
             for i in range(3):
                 rs1.server.hub.publish_nowait("news", i)
             assert [(await next_pub(sub)).offset for _ in range(3)] == [1, 2, 3]
             rs2 = await _restart(rs1, start_server)
-            epoch2 = rs2.server.hub.epoch
+            epoch2 = rs2.server.hub.epoch_of("news")
             assert epoch2 != epoch1
             await wait_until(lambda: rs2.server.hub.subscriber_count("news") == 1, what="resubscribed")
             rs2.server.hub.publish_nowait("news", "after")
@@ -362,7 +362,8 @@ async def test_server_restart_with_on_gap_continues(start_server: Any, autojump_
             rs2.server.hub.publish_nowait("news", "after")
             assert await next_pub(sub) == Publication("news", 1, "after")
             assert c.statistics().gaps == 1
-    assert [(g.last_offset, g.new_epoch, g.new_offset) for g in gaps] == [(1, rs2.server.hub.epoch, 0)]
+    new_epoch = rs2.server.hub.epoch_of("news")
+    assert [(g.last_offset, g.new_epoch, g.new_offset) for g in gaps] == [(1, new_epoch, 0)]
 
 
 async def test_reconnect_backs_off_while_the_server_is_away(start_server: Any, autojump_clock: Any) -> None:

@@ -146,10 +146,13 @@ async def test_drain_reports_not_ready_and_refuses_upgrades(
                 resp = await _probe(rs.port, "GET", "/readyz")
                 assert (resp.status, resp.json()) == (503, {"status": "draining"})
 
+                rejected = rs.server.statistics().rejected_connections
                 head, _ = upgrade_head(rs.port)
                 resp = await _probe(rs.port, "GET", "/ws", raw_head=head)
                 assert resp.status == 503
                 assert resp.json()["error"]["code"] == "unavailable"
+                # Counted like a TCP connection refused while draining.
+                assert rs.server.statistics().rejected_connections == rejected + 1
 
                 try:
                     resp = await http_publish(rs.port, TOPIC, "too late")

@@ -72,7 +72,7 @@ async def test_node_ws_client_receives_publications(node: str, start_server: Any
             first = await next_event()
             assert first == {"event": "subscribed",
                              "reply": {"id": 1, "ok": True, "topic": "feed",
-                                 "epoch": rs.server.hub.epoch, "offset": 0}}, events
+                                 "epoch": rs.server.hub.epoch_of("t"), "offset": 0}}, events
 
             # Bursts with a checkpoint between them, so both single-publication
             # frames and multi-publication batches reach the client.

@@ -42,7 +42,7 @@ async def test_frame_sent_with_the_upgrade_request_is_not_lost(start_server: Any
             assert resp is not None and resp.startswith(b"HTTP/1.1 101 "), resp
             ws = RawWebSocket(stream, reader)
             assert await ws.recv_json() == {"id": 1, "ok": True, "topic": "early",
-                "epoch": rs.server.hub.epoch, "offset": 0}
+                "epoch": rs.server.hub.epoch_of("t"), "offset": 0}
 
 
 async def test_fragmented_message_with_interleaved_ping(start_server: Any) -> None:
@@ -60,7 +60,7 @@ async def test_fragmented_message_with_interleaved_ping(start_server: Any) -> No
             pong = await ws.recv_frame()
             assert (pong.opcode, pong.payload) == (OP_PONG, b"mid")
             assert await ws.recv_json() == {"id": "f", "ok": True, "topic": "frag",
-                "epoch": rs.server.hub.epoch, "offset": 0}
+                "epoch": rs.server.hub.epoch_of("t"), "offset": 0}
 
 
 async def test_client_close_is_echoed(start_server: Any) -> None:

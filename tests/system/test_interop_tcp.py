@@ -28,7 +28,7 @@ async def test_subscribe_publish_and_heartbeat(start_server: Any) -> None:
         async with sub.stream, pub.stream:
             await sub.send({"op": "subscribe", "topic": "ticks", "id": 1})
             assert await sub.recv() == {"id": 1, "ok": True, "topic": "ticks",
-                "epoch": rs.server.hub.epoch, "offset": 0}
+                "epoch": rs.server.hub.epoch_of("t"), "offset": 0}
 
             resp = await http_publish(rs.port, "ticks", {"n": 1})
             assert resp.json() == {"ok": True, "offset": 1, "subscribers": 1}
@@ -56,7 +56,7 @@ async def test_subscribe_publish_and_heartbeat(start_server: Any) -> None:
             await sub.send_raw(b'{"op":"subscribe",')
             await sub.send_raw(b'"topic":"other","id":5}\n')
             assert await sub.recv() == {"id": 5, "ok": True, "topic": "other",
-                "epoch": rs.server.hub.epoch, "offset": 0}
+                "epoch": rs.server.hub.epoch_of("t"), "offset": 0}
 
 
 async def test_invalid_json_line_gets_error_and_connection_stays(start_server: Any) -> None:

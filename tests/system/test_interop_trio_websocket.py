@@ -26,7 +26,7 @@ async def test_subscribe_publish_ping_and_clean_close(start_server: Any) -> None
     with trio.fail_after(15):
         async with open_websocket_url(rs.ws_url) as sub, open_websocket_url(rs.ws_url) as pub:
             assert await _request(sub, {"op": "subscribe", "topic": "news", "id": 1}) == {
-                "id": 1, "ok": True, "topic": "news", "epoch": rs.server.hub.epoch, "offset": 0,
+                "id": 1, "ok": True, "topic": "news", "epoch": rs.server.hub.epoch_of("t"), "offset": 0,
             }
 
             resp = await http_publish(rs.port, "news", {"headline": "from http"})
@@ -44,7 +44,7 @@ async def test_subscribe_publish_ping_and_clean_close(start_server: Any) -> None
 
             # A late subscriber learns the current offset, so it can tell what it missed.
             assert await _request(pub, {"op": "subscribe", "topic": "news", "id": 2}) == {
-                "id": 2, "ok": True, "topic": "news", "epoch": rs.server.hub.epoch, "offset": 2,
+                "id": 2, "ok": True, "topic": "news", "epoch": rs.server.hub.epoch_of("t"), "offset": 2,
             }
 
             assert await _request(sub, {"op": "ping", "id": 7}) == {"id": 7, "ok": True, "op": "pong"}

@@ -149,7 +149,7 @@ async def test_invalid_json_gets_error_and_connection_stays_usable(start_server:
             assert reply["id"] == 6 and reply["error"]["code"] == "bad_request"
 
             assert await _request(ws, {"op": "subscribe", "topic": "ok", "id": 7}) == {
-                "id": 7, "ok": True, "topic": "ok", "epoch": rs.server.hub.epoch, "offset": 0,
+                "id": 7, "ok": True, "topic": "ok", "epoch": rs.server.hub.epoch_of("ok"), "offset": 0,
             }
 
 

@@ -15,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from trio_websocket import WebSocketConnection, open_websocket_url
 
 from trioserve import Connection
-from trioserve.metrics import server_registry
+from trioserve.server.metrics import server_registry
 
 from .helpers import HttpResponse, NdjsonClient, RawWebSocket, dumps, http_publish, http_request, wait_until
 

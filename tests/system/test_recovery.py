@@ -20,7 +20,7 @@ async def test_reconnect_recovers_exactly_the_missed_publications(start_server: 
     with trio.fail_after(LIMIT):
         ws = await RawWebSocket.connect(rs.port)
         first = await subscribe_reply(ws, "news")
-        assert first["epoch"] == hub.epoch and first["offset"] == 0 and "recovered" not in first
+        assert first["epoch"] == hub.epoch_of("t") and first["offset"] == 0 and "recovered" not in first
         for i in range(3):
             hub.publish_nowait("news", i)
         seen = [(await ws.recv_json())["offset"] for _ in range(3)]
@@ -76,10 +76,10 @@ async def test_gap_older_than_history_is_not_recovered(start_server: Any) -> Non
     with trio.fail_after(LIMIT):
         ws = await RawWebSocket.connect(rs.port)
         async with ws.stream:
-            reply = await subscribe_reply(ws, "t", {"epoch": hub.epoch, "offset": 3})
+            reply = await subscribe_reply(ws, "t", {"epoch": hub.epoch_of("t"), "offset": 3})
             assert reply["recovered"] is False and reply["publications"] == []
-            assert reply["offset"] == 20 and reply["epoch"] == hub.epoch
-            reply = await subscribe_reply(ws, "t", {"epoch": hub.epoch, "offset": 15})
+            assert reply["offset"] == 20 and reply["epoch"] == hub.epoch_of("t")
+            reply = await subscribe_reply(ws, "t", {"epoch": hub.epoch_of("t"), "offset": 15})
             assert reply["recovered"] is True
             assert [p["offset"] for p in reply["publications"]] == [16, 17, 18, 19, 20]
 
@@ -88,7 +88,7 @@ async def test_a_restarted_server_has_a_new_epoch(start_server: Any) -> None:
     before = await start_server()
     before.server.hub.publish_nowait("t", 1)
     await before.server.hub.flush()
-    old_epoch = before.server.hub.epoch
+    old_epoch = before.server.hub.epoch_of("t")
     await before.server.drain(1)
     after = await start_server()  # a restart: the memory broker's history is gone
     with trio.fail_after(LIMIT):
@@ -106,7 +106,7 @@ async def test_history_api(start_server: Any) -> None:
     await hub.flush()
     with trio.fail_after(LIMIT):
         page = (await http_request(rs.port, "GET", "/api/history?topic=t&since=8&limit=3")).json()
-        assert page["complete"] is True and page["offset"] == 15 and page["epoch"] == hub.epoch
+        assert page["complete"] is True and page["offset"] == 15 and page["epoch"] == hub.epoch_of("t")
         assert [p["offset"] for p in page["publications"]] == [9, 10, 11]
         old = (await http_request(rs.port, "GET", "/api/history?topic=t&since=0")).json()
         assert old["complete"] is False and [p["offset"] for p in old["publications"]] == list(range(6, 16))
@@ -126,7 +126,8 @@ async def test_recovery_too_big_for_one_reply_is_reported_as_a_gap(start_server:
     with trio.fail_after(LIMIT):
         ws = await RawWebSocket.connect(rs.port)
         async with ws.stream:
-            reply = await subscribe_reply(ws, "big", {"epoch": hub.epoch, "offset": 0})
+            epoch = hub.epoch_of("big")
+            reply = await subscribe_reply(ws, "big", {"epoch": epoch, "offset": 0})
             assert reply["recovered"] is False and reply["publications"] == [] and reply["offset"] == 80
-            reply = await subscribe_reply(ws, "big", {"epoch": hub.epoch, "offset": 50})  # 30 x 20 KB fits
+            reply = await subscribe_reply(ws, "big", {"epoch": epoch, "offset": 50})  # 30 x 20 KB fits
             assert reply["recovered"] is True and len(reply["publications"]) == 30

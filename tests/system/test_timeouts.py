@@ -85,9 +85,9 @@ async def test_incomplete_request_head_is_cut_off(start_server: Any, autojump_cl
 
 async def test_pings_come_from_the_sweep_on_time_without_waking_readers(
         start_server: Any, autojump_clock: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    # The server's one heartbeat task sends the pings (trioserve/heartbeat.py):
+    # The server's one heartbeat task sends the pings (trioserve/net/heartbeat.py):
     # a reader whose peer answers is never woken by its own deadline.
-    from trioserve.connection import Connection
+    from trioserve.net.connection import Connection
 
     deadlines: list[float] = []
     original = Connection._on_deadline

@@ -19,11 +19,11 @@ import trio
 from prometheus_client.parser import text_string_to_metric_families
 from trio_websocket import ConnectionClosed, open_websocket_url
 
-from trioserve import metrics
 from trioserve.bench import scrape as bench_scrape
 from trioserve.config import Config, ConfigError, HistoryRule, load_config
-from trioserve.worker import read_worker_config, write_worker_config
-from trioserve.workers import Supervisor
+from trioserve.ops.supervisor import Supervisor
+from trioserve.ops.worker import read_worker_config, write_worker_config
+from trioserve.server import metrics
 
 from ..conftest import RedisServer
 from ..serverproc import REPO, STARTUP_TIMEOUT, ServerProcess, trioserve_process
@@ -213,7 +213,7 @@ def test_merged_families_keep_each_worker_apart() -> None:
 
 
 def _request() -> Any:
-    from trioserve.http import Request
+    from trioserve.net.httpd import Request
 
     return Request("GET", "/metrics", {}, [], b"", None)
 
@@ -407,7 +407,7 @@ async def test_a_worker_that_fails_to_start_stops_the_supervisor(
     # In-process, with a "python" that exits at once with status 1.
     config = Config(port=0, workers=2, broker="redis://127.0.0.1:1/0", drain_timeout=1)
     supervisor = Supervisor(config, python="/bin/false")
-    with trio.fail_after(LIMIT), caplog.at_level(logging.INFO, "trioserve.workers"):
+    with trio.fail_after(LIMIT), caplog.at_level(logging.INFO, "trioserve.ops.supervisor"):
         assert await supervisor.run() == 1
     assert re.search(r"worker \d \(pid \d+\) exited with status 1 during start-up; stopping",
                      caplog.text), caplog.text

@@ -11,7 +11,7 @@ import trio.testing
 import wsproto
 import wsproto.events as wse
 
-from trioserve.transport import SocketTransport, StreamTransport, Transport
+from trioserve.net.transport import SocketTransport, StreamTransport, Transport
 
 PairFactory = Callable[..., tuple[Transport, trio.abc.Stream]]
 

@@ -12,7 +12,8 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from trioserve.auth import ANONYMOUS, Authenticator, AuthError, Claims
+from trioserve.protocol.claims import ANONYMOUS, AuthError, Claims
+from trioserve.server.auth import Authenticator
 
 SECRET = "s3cret-for-tests-only-0123456789abcdef"
 

@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from trioserve.config import Config, ConfigError, HistoryRule, SlowConsumerPolicy, load_config
-from trioserve.configfile import OPTIONS, Kind, render_config
+from trioserve.config.sources import OPTIONS, Kind, render_config
 
 REPO = Path(__file__).resolve().parents[2]
 SECRET = "unit-test-secret-0123456789-0123456789"
@@ -384,7 +384,7 @@ def test_genconfig_shows_every_option(tmp_path: Path) -> None:
 def test_every_option_is_documented() -> None:
     docs = (REPO / "docs" / "configuration.md").read_text(encoding="utf-8")
     for name, opt in OPTIONS.items():
-        assert opt.help, f"{name} has no help line in trioserve/configfile.py"
+        assert opt.help, f"{name} has no help line in trioserve/config/sources.py"
         assert f"`{name}`" in docs, f"{name} is missing from docs/configuration.md"
         if opt.kind is not Kind.RULES:
             assert f"`{opt.env}`" in docs, f"{opt.env} is missing from docs/configuration.md"

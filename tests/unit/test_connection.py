@@ -23,7 +23,7 @@ from trioserve import (
     TcpConnection,
     WebSocketConnection,
 )
-from trioserve.heartbeat import Heartbeats
+from trioserve.net.heartbeat import Heartbeats
 from trioserve.protocol import websocket
 
 from .helpers import LinePeer, PairFactory, WSPeer, memory_pair, socket_pair

@@ -1,6 +1,6 @@
 """``trioserve bench``: a multi-process load tester for trioserve servers (docs/bench.md).
 
-- ``cli.py``: the click command, registered on ``trioserve.cli.main``;
+- ``cli.py``: the ``bench`` click command, which ``trioserve.ops.cli`` adds to ``trioserve``;
 - ``runner.py``: the orchestrator (phases, polling); ``publisher.py``: the publishers;
 - ``worker.py``: a load-client process; ``pool.py``: starting and driving those processes;
 - ``wsclient.py``: the cheap hand-parsed WebSocket / NDJSON client connections;

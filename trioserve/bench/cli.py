@@ -1,9 +1,8 @@
 """``trioserve bench``: the load tester's command line (docs/bench.md).
 
-Registered on ``trioserve.cli.main`` by one import at the end of
-``trioserve/cli.py``. The heavy parts (hdrhistogram, rich, the worker code)
-are imported only when the command runs, so ``trioserve serve`` does not pay
-for them and a missing ``bench`` extra is reported as such (exit 2).
+:mod:`trioserve.ops.cli` adds the command to ``trioserve``. The heavy parts
+(hdrhistogram, rich, the worker code) are imported only when the command runs,
+so ``trioserve serve`` does not pay for them and a missing ``bench`` extra is reported as such (exit 2).
 """
 
 from __future__ import annotations
@@ -16,8 +15,6 @@ import sys
 from typing import Any
 
 import click
-
-from ..cli import main
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_ERROR = 0, 1, 2, 3
 _EXTRA_MODULES = {"hdrh": "hdrhistogram", "rich": "rich"}
@@ -67,7 +64,7 @@ def parse_source_ips(text: str | None) -> list[str] | None:
 _positive = click.FloatRange(min=0, min_open=True)
 
 
-@main.command(context_settings={"show_default": True})
+@click.command(context_settings={"show_default": True})
 @click.argument("scenario", type=click.Choice(["idle", "fanout", "echo", "storm"]))
 @click.option("--url", default="ws://127.0.0.1:8000/ws",
               help="Server to load: ws://HOST:PORT/PATH, or tcp://HOST:PORT for the NDJSON port.")
@@ -139,7 +136,7 @@ def bench(scenario: str, json_path: str | None, plot_path: str | None, no_progre
     if missing:
         raise BenchProblem(f"trioserve bench needs the 'bench' extra (missing: {', '.join(missing)}): "
                            "pip install 'trioserve[bench]'")
-    from .runner import Options, UsageError, validate
+    from .options import Options, UsageError, validate
 
     opts = Options(scenario=scenario, source_ips=parse_source_ips(source_ips),
                    progress=not no_progress and sys.stdout.isatty(), **options)

@@ -24,11 +24,12 @@ import inspect
 import itertools
 import multiprocessing as mp
 import os
-import resource
 import time
 from collections.abc import Callable, Coroutine, Sequence
 from multiprocessing.connection import Connection
 from typing import Any, Protocol
+
+from ..net.listeners import raise_fd_limit
 
 
 class PhaseError(Exception):
@@ -40,13 +41,6 @@ class Handler(Protocol):
 
 
 HandlerFactory = Callable[[int], Handler]
-
-
-def raise_fd_limit() -> int:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    return hard
 
 
 def own_cpu() -> tuple[float, float, float]:

@@ -20,7 +20,7 @@ from . import hist, scrape
 from .output import fmt, machine_info
 
 if TYPE_CHECKING:
-    from .runner import Options
+    from .options import Options
 
 BENCH_LIBRARIES = ("trio", "wsproto", "orjson", "hdrhistogram", "rich", "prometheus-client")
 

@@ -90,10 +90,6 @@ async def scrape(url: str | None, timeout: float = 10.0) -> tuple[Scrape | None,
         return None, f"{url}: {type(exc).__name__}: {exc}"[:200]
 
 
-def prefixed(scrape: Scrape, prefix: str) -> dict[str, float]:
-    return {k: v for k, v in scrape.items() if k.startswith(prefix)}
-
-
 def compare(before: Scrape | None, after: Scrape | None, connected: int,
             deliveries: int, mid: Scrape | None = None) -> dict[str, Any]:
     """The rows of the report's server section, plus derived figures.

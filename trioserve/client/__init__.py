@@ -12,7 +12,7 @@ See docs/client.md for reconnection, recovery and gap handling.
 
 from __future__ import annotations
 
-from ..hub import PublishResult
+from ..push.hub import PublishResult
 from ._client import Client, TokenProvider, connect
 from ._errors import (
     ClientClosed,

@@ -29,7 +29,7 @@ from typing import Any, ParamSpec, TypeVar
 
 import trio
 
-from ..hub import PublishResult
+from ..push.hub import PublishResult
 from ._errors import ClientClosed, ClientError, ConnectError, ConnectionLost, Unauthorized, server_error
 from ._models import ClientInfo, ClientState, ClientStatistics, StreamPosition, int_or_zero
 from ._session import Lost, Session

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import attrs
 import trio
@@ -19,10 +19,13 @@ import trio
 from ._errors import ClientClosed, ClientError, RecoveryGap
 from ._models import ClientInfo, PresenceEvent, Publication, StreamPosition, int_or_zero
 
-if TYPE_CHECKING:
-    from ._session import Session
-
 log = logging.getLogger("trioserve.client")
+
+
+class Session(Protocol):
+    """What a subscription needs of the connection's session (``_session.Session``)."""
+
+    def start_subscribe(self, state: SubState) -> None: ...
 
 #: ``def on_gap(gap: RecoveryGap) -> bool``: True continues from the new position.
 GapHandler = Callable[[RecoveryGap], bool]

@@ -1,1 +1,3 @@
-"""Sans-I/O protocol layer: bytes in, events and bytes out. Nothing here imports trio."""
+"""1. The sans-I/O protocol layer: bytes in, events and bytes out; the token claims.
+
+Nothing here imports trio or anything else of trioserve."""

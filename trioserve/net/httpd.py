@@ -7,10 +7,9 @@ WebSocket connection carries no HTTP state.
 
 from __future__ import annotations
 
-import hmac
 import logging
-from collections.abc import Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable, Container, Sequence
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import attrs
@@ -18,17 +17,14 @@ import h11
 import orjson
 import trio
 
-from .brokers import BrokerUnavailable
-from .hub import HubClosed, HubOverloaded
-from .protocol import websocket
-from .protocol.codes import ErrorCode
-from .protocol.messages import ProtocolError, validate_topic
+from ..config import Config
+from ..protocol import websocket
+from ..protocol.codes import ErrorCode
+from .admission import Admission, IdleScopes
 from .transport import Transport
 
-if TYPE_CHECKING:
-    from .server import Server
-
-__all__ = ["Request", "Response", "RouteHandler", "json_error", "serve_http"]
+__all__ = ["HttpSite", "Request", "Response", "RouteHandler", "Router", "Upgrade", "json_error",
+           "json_response", "serve_http"]
 
 log = logging.getLogger("trioserve.http")
 
@@ -86,6 +82,44 @@ def json_error(
                          headers)
 
 
+class Router:
+    """``(method, path)`` to a handler; answers 404, 405 (with ``Allow``) and 500 itself."""
+
+    def __init__(self, routes: dict[tuple[str, str], RouteHandler] | None = None):
+        self.routes: dict[tuple[str, str], RouteHandler] = dict(routes or {})
+
+    def add(self, method: str, path: str, handler: RouteHandler) -> None:
+        self.routes[(method.upper(), path)] = handler
+
+    async def dispatch(self, req: Request) -> Response:
+        handler = self.routes.get((req.method, req.path))
+        if handler is None:
+            allowed = sorted(m for (m, p) in self.routes if p == req.path)
+            if allowed:
+                return json_error(405, ErrorCode.METHOD_NOT_ALLOWED,
+                                  f"{req.method} not allowed on {req.path}",
+                                  [(b"allow", ", ".join(allowed).encode())])
+            return json_error(404, ErrorCode.NOT_FOUND, f"no route for {req.path}")
+        try:
+            return await handler(req)
+        except Exception:
+            log.exception("route %s %s failed", req.method, req.path)
+            return json_error(500, ErrorCode.INTERNAL, "internal error")
+
+
+@attrs.frozen
+class HttpSite:
+    """What the HTTP driver needs of the server that runs it."""
+
+    config: Config
+    admission: Admission
+    #: Waits for a request; a drain cancels them.
+    idle: IdleScopes
+    router: Router
+    #: The paths that take WebSocket upgrades (the server's handlers by path).
+    websocket_paths: Container[str]
+
+
 class _BodyTooLarge(Exception):
     pass
 
@@ -131,7 +165,7 @@ async def _respond(h: h11.Connection, transport: Transport, resp: Response, clos
     await transport.send_all(data)
 
 
-async def serve_http(transport: Transport, server: Server, remote: str | None) -> Upgrade | None:
+async def serve_http(transport: Transport, site: HttpSite, remote: str | None) -> Upgrade | None:
     """Serve one socket of the HTTP+WebSocket listener until it closes or upgrades.
 
     Returns None when the socket is done, or the :class:`Upgrade` after a 101.
@@ -139,12 +173,12 @@ async def serve_http(transport: Transport, server: Server, remote: str | None) -
     and this frame be freed: they would otherwise cost every idle connection
     about 3 KB.
     """
-    cfg = server.config
+    cfg = site.config
     h = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
     while True:
         # Waiting for a request is cancelled by a drain, so idle keep-alive
         # sockets and half-sent handshakes do not hold a drain to its deadline.
-        idle = server._idle_scope(trio.current_time() + cfg.handshake_timeout)
+        idle = site.idle.open(trio.current_time() + cfg.handshake_timeout)
         try:
             with idle:
                 request = await _next_event(h, transport)
@@ -155,7 +189,7 @@ async def serve_http(transport: Transport, server: Server, remote: str | None) -
         except OSError:
             return None
         finally:
-            server._idle_scopes.discard(idle)
+            site.idle.discard(idle)
         if idle.cancelled_caught:
             log.debug("no complete request from %s within %ss (or draining)", remote,
                       cfg.handshake_timeout)
@@ -172,7 +206,7 @@ async def serve_http(transport: Transport, server: Server, remote: str | None) -
         # Python, and a handshake scans the headers half a dozen times.
         req_headers = list(request.headers)
         if websocket.is_upgrade(req_headers):
-            return await _upgrade(h, transport, server, request, req_headers, url.path, url.query, remote)
+            return await _upgrade(h, transport, site, request, req_headers, url.path, url.query, remote)
         if _header(req_headers, b"transfer-encoding") is not None and \
                 _header(req_headers, b"content-length") is not None:
             # The request-smuggling shape: RFC 9112 6.1 lets us refuse it, and
@@ -203,8 +237,8 @@ async def serve_http(transport: Transport, server: Server, remote: str | None) -
         head = method == "HEAD"
         req = Request("GET" if head else method, url.path, parse_qs(url.query), req_headers,
                       body, remote)
-        resp = await server._route(req)
-        close = server.draining or h.our_state is h11.MUST_CLOSE
+        resp = await site.router.dispatch(req)
+        close = site.admission.draining or h.our_state is h11.MUST_CLOSE
         try:
             await _respond(h, transport, resp, close, head)
         except OSError:
@@ -242,12 +276,12 @@ def _declared_length(headers: Sequence[tuple[bytes, bytes]]) -> int:
     return 0
 
 
-async def _upgrade(h: h11.Connection, transport: Transport, server: Server,
+async def _upgrade(h: h11.Connection, transport: Transport, site: HttpSite,
                    request: h11.Request, req_headers: list[tuple[bytes, bytes]], path: str, query: str,
                    remote: str | None = None) -> Upgrade | None:
-    if path not in server.ws_handlers:
+    if path not in site.websocket_paths:
         await _refuse(h, transport, json_error(
-            404, ErrorCode.NOT_FOUND, f"no WebSocket endpoint at {path}; use {server.config.ws_path}"))
+            404, ErrorCode.NOT_FOUND, f"no WebSocket endpoint at {path}; use {site.config.ws_path}"))
         return None
     try:
         headers = websocket.check_upgrade(request.method, request.http_version, req_headers)
@@ -255,38 +289,29 @@ async def _upgrade(h: h11.Connection, transport: Transport, server: Server,
         await _refuse(h, transport, json_error(exc.status, ErrorCode.BAD_REQUEST, exc.reason, exc.headers))
         return None
     origin = _header(req_headers, b"origin")
-    allowed = server.config.allowed_origins
+    allowed = site.config.allowed_origins
     # Origins guard browsers against cross-site use of their cookies/session;
     # clients that send no Origin are not browsers and are let through.
     if origin is not None and allowed and "*" not in allowed and origin.decode("latin-1") not in allowed:
         await _refuse(h, transport, json_error(403, ErrorCode.FORBIDDEN,
                                                f"origin {origin.decode('latin-1')!r} is not allowed"))
         return None
-    if server.draining:
-        await _refuse(h, transport, json_error(503, ErrorCode.UNAVAILABLE, "server is draining"))
+    admission = site.admission
+    refusal = admission.refusal(remote)
+    if refusal is not None:
+        retry = [] if refusal.retry_after is None else [(b"retry-after", str(refusal.retry_after).encode())]
+        await _refuse(h, transport, json_error(503, ErrorCode.UNAVAILABLE, refusal.message, retry))
         return None
-    if not server._has_capacity():
-        server._rejected += 1
-        await _refuse(h, transport, json_error(503, ErrorCode.UNAVAILABLE,
-                                               "server at capacity (max_connections)",
-                                               [(b"retry-after", b"1")]))
-        return None
-    if server._peer_over_limit(remote):
-        await _refuse(h, transport, json_error(503, ErrorCode.UNAVAILABLE,
-                                               "too many connections from your address "
-                                               "(max_connections_per_ip)",
-                                               [(b"retry-after", b"5")]))
-        return None
-    # Hold a slot from the capacity check until the connection is counted:
-    # otherwise every upgrade in flight passes the check (found by a flood test).
-    server._upgrading += 1
+    # Hold a slot from the check until the connection is counted: otherwise
+    # every upgrade in flight passes the check.
+    admission.reserve()
     try:
         upgrade = await _finish_upgrade(h, transport, req_headers, headers, path, query)
     except BaseException:
-        server._upgrading -= 1
+        admission.release()
         raise
     if upgrade is None:
-        server._upgrading -= 1
+        admission.release()
     return upgrade
 
 
@@ -327,104 +352,3 @@ def _token(headers: Sequence[tuple[bytes, bytes]], query: str) -> str | None:
     if auth is not None and auth[:7].lower() == b"bearer ":
         return auth[7:].strip().decode("latin-1")
     return None
-
-
-# --- the push server's routes -------------------------------------------------------
-
-
-def push_routes(server: Server) -> dict[tuple[str, str], RouteHandler]:
-    async def healthz(req: Request) -> Response:
-        return json_response(200, {"status": "ok"})
-
-    async def readyz(req: Request) -> Response:
-        if server.draining:
-            return json_response(503, {"status": "draining"})
-        return json_response(200, {"status": "ready"})
-
-    def refused(req: Request) -> Response | None:
-        """A 401 unless the request carries the API key (when one is configured)."""
-        key = server.config.api_key
-        if key is None:
-            return None
-        given = req.header(b"authorization") or b""
-        if hmac.compare_digest(given, b"Bearer " + key.encode()):
-            return None
-        server.count_auth_failure()
-        return json_error(401, ErrorCode.UNAUTHORIZED,
-                          "missing or wrong API key (Authorization: Bearer <key>)",
-                          [(b"www-authenticate", b"Bearer")])
-
-    async def publish(req: Request) -> Response:
-        if (denied := refused(req)) is not None:
-            return denied
-        try:
-            body = orjson.loads(req.body)
-        except orjson.JSONDecodeError as exc:
-            return json_error(400, ErrorCode.BAD_REQUEST, f"invalid JSON: {exc}")
-        if not isinstance(body, dict) or "data" not in body:
-            return json_error(400, ErrorCode.BAD_REQUEST,
-                              'body must be {"topic": "...", "data": <any JSON>}')
-        try:
-            topic = validate_topic(body.get("topic"))
-        except ProtocolError as exc:
-            return json_error(400, exc.code, exc.message)
-        hub = server.hub
-        try:
-            if hub.broker.synchronous:
-                result = hub.publish_nowait(topic, body["data"])
-            else:
-                result = await hub.publish(topic, body["data"])
-        except HubClosed:
-            return json_error(503, ErrorCode.UNAVAILABLE, "server is draining")
-        except BrokerUnavailable as exc:
-            return json_error(503, ErrorCode.UNAVAILABLE, f"broker unavailable: {exc}",
-                              [(b"retry-after", b"1")])
-        except HubOverloaded as exc:
-            return json_error(503, ErrorCode.UNAVAILABLE, f"overloaded: {exc}",
-                              [(b"retry-after", b"1")])
-        return json_response(200, {"ok": True, "offset": result.offset,
-                                   "subscribers": result.subscribers})
-
-    async def history(req: Request) -> Response:
-        """``GET /api/history?topic=t&since=41&limit=100``: what followed offset 41.
-
-        ``complete`` is false when history no longer reaches back to ``since``
-        (the publications returned then start later than ``since + 1``).
-        """
-        if (denied := refused(req)) is not None:
-            return denied
-        try:
-            topic = validate_topic(req.query.get("topic", [None])[0])
-            since = int(req.query.get("since", ["0"])[0])
-            limit = int(req.query.get("limit", ["100"])[0])
-            if since < 0 or not 1 <= limit <= 1000:
-                raise ValueError
-        except ProtocolError as exc:
-            return json_error(400, exc.code, exc.message)
-        except ValueError:
-            return json_error(400, ErrorCode.BAD_REQUEST,
-                              "since must be an integer >= 0 and limit 1-1000")
-        hub = server.hub
-        try:
-            publications, complete = await hub.history_page(topic, since, limit)
-            epoch, offset = await hub.broker.head(topic)
-        except BrokerUnavailable as exc:
-            return json_error(503, ErrorCode.UNAVAILABLE, f"broker unavailable: {exc}")
-        return json_response(200, {
-            "ok": True, "topic": topic, "epoch": epoch, "offset": offset,
-            "complete": complete, "publications": [orjson.Fragment(p) for p in publications],
-        })
-
-    async def metrics(req: Request) -> Response:
-        # Imported here so prometheus_client is loaded only by servers that get scraped.
-        from .metrics import metrics_response
-
-        return metrics_response(server, req)
-
-    return {
-        ("GET", "/healthz"): healthz,
-        ("GET", "/readyz"): readyz,
-        ("POST", "/api/publish"): publish,
-        ("GET", "/api/history"): history,
-        ("GET", "/metrics"): metrics,
-    }

@@ -16,7 +16,7 @@ meant for a Prometheus scraper inside the network. Filter ``/metrics`` at the
 proxy if the HTTP port is reachable from outside.
 
 With ``--workers N`` the worker that gets the scrape answers for all of them
-(:mod:`trioserve.worker`): each worker's families carry a ``worker="<id>"``
+(:mod:`trioserve.ops.worker`): each worker's families carry a ``worker="<id>"``
 label on every sample (:func:`worker_families`), travel to the scraped worker
 as JSON (:func:`families_to_json`), and are merged family by family
 (:func:`merge_families`). Totals are left to PromQL, ``sum without (worker)
@@ -30,7 +30,7 @@ import math
 import os
 import weakref
 from collections.abc import Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
 from prometheus_client.exposition import choose_encoder
@@ -42,15 +42,14 @@ from prometheus_client.metrics_core import (
 )
 from prometheus_client.registry import Collector
 
-from .http import Request, Response
-from .hub import LATENCY_BUCKETS
-from .protocol.codes import CloseCode
-
-if TYPE_CHECKING:
-    from .server import Server
+from ..net.httpd import Request, Response
+from ..protocol.codes import CloseCode
+from ..push.hub import LATENCY_BUCKETS
+from .stats import ServerStatistics
 
 __all__ = [
     "WORKER_LABEL",
+    "Observed",
     "ServerCollector",
     "families_from_json",
     "families_response",
@@ -75,7 +74,24 @@ _TRANSPORTS = (_WEBSOCKET, _TCP)
 # Prometheus uses (prometheus_client.utils.floatToGoString, which is untyped).
 _LATENCY_BOUNDS = [*(repr(float(b)) for b in LATENCY_BUCKETS), "+Inf"]
 
-_registries: weakref.WeakKeyDictionary[Server, CollectorRegistry] = weakref.WeakKeyDictionary()
+class _Queues(Protocol):
+    @property
+    def queued_bytes(self) -> int: ...
+
+    @property
+    def queued_frames(self) -> int: ...
+
+
+class Observed(Protocol):
+    """What the metrics read of a server (a :class:`trioserve.Server`)."""
+
+    def statistics(self) -> ServerStatistics: ...
+
+    @property
+    def connections(self) -> Iterable[_Queues]: ...
+
+
+_registries: weakref.WeakKeyDictionary[Observed, CollectorRegistry] = weakref.WeakKeyDictionary()
 
 
 class ServerCollector(Collector):
@@ -87,7 +103,7 @@ class ServerCollector(Collector):
     collector yields nothing.
     """
 
-    def __init__(self, server: Server):
+    def __init__(self, server: Observed):
         self._server = weakref.ref(server)
 
     def describe(self) -> Iterable[Metric]:
@@ -101,7 +117,7 @@ class ServerCollector(Collector):
         return _families(server)
 
 
-def server_registry(server: Server) -> CollectorRegistry:
+def server_registry(server: Observed) -> CollectorRegistry:
     """The registry for *server*, made on first use.
 
     It holds a :class:`ServerCollector` plus the process, platform and GC
@@ -119,7 +135,7 @@ def server_registry(server: Server) -> CollectorRegistry:
     return registry
 
 
-def metrics_response(server: Server, request: Request) -> Response:
+def metrics_response(server: Observed, request: Request) -> Response:
     """The answer to ``GET /metrics``.
 
     The body is in the Prometheus text format, or in OpenMetrics when the
@@ -153,7 +169,7 @@ class _Fixed(Collector):
 # --- several workers --------------------------------------------------------------------------
 
 
-def worker_families(server: Server, worker: str) -> list[Metric]:
+def worker_families(server: Observed, worker: str) -> list[Metric]:
     """Everything *server*'s registry collects, plus ``trioserve_worker_info`` (the pid),
     with ``worker=<worker>`` added to every sample."""
     info = GaugeMetricFamily("trioserve_worker_info",
@@ -226,7 +242,7 @@ def merge_families(groups: Iterable[Iterable[Metric]]) -> list[Metric]:
     return list(merged.values())
 
 
-def _families(server: Server) -> list[Metric]:
+def _families(server: Observed) -> list[Metric]:
     s = server.statistics()
     hub = s.hub
     # Summed here, at scrape time, so the send path keeps no server-wide total.

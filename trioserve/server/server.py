@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import functools
-import ipaddress
 import logging
 import signal
 import socket
@@ -24,23 +23,28 @@ from typing import Any
 import attrs
 import trio
 
-from . import http, listeners
-from .auth import ANONYMOUS, Authenticator, AuthError
-from .brokers import make_broker
-from .config import Config
-from .connection import Connection, ConnectionClosed, ConnectionState, QueueTotal
-from .heartbeat import Heartbeats
-from .history import History
-from .hub import Hub, HubStatistics
-from .protocol import ndjson
-from .protocol.codes import CloseCode, ErrorCode
-from .protocol.messages import KNOWN_OPS, Command
-from .push import leave_all, push_handler
-from .tcp_connection import TcpConnection
-from .transport import SocketTransport, TlsTransport, Transport
-from .ws_connection import WebSocketConnection
+from ..config import Config
+from ..net import listeners
+from ..net.admission import Admission, IdleScopes
+from ..net.connection import Connection, ConnectionClosed, ConnectionState, QueueTotal
+from ..net.heartbeat import Heartbeats
+from ..net.httpd import HttpSite, Request, Response, RouteHandler, Router, json_response, serve_http
+from ..net.tcp import TcpConnection
+from ..net.transport import SocketTransport, TlsTransport, Transport
+from ..net.websocket import WebSocketConnection
+from ..protocol import ndjson
+from ..protocol.claims import ANONYMOUS, AuthError
+from ..protocol.codes import CloseCode
+from ..protocol.messages import KNOWN_OPS, Command
+from ..push.api import api_routes
+from ..push.brokers import make_broker
+from ..push.handler import leave_all, push_handler
+from ..push.history import History
+from ..push.hub import Hub
+from .auth import Authenticator
+from .stats import ServerStatistics
 
-__all__ = ["Handler", "OpHandler", "Reject", "Server", "ServerStatistics"]
+__all__ = ["Handler", "OpHandler", "Reject", "Server", "ServerStatistics", "server_routes"]
 
 log = logging.getLogger("trioserve.server")
 
@@ -48,36 +52,6 @@ _NORMAL_CLOSES = frozenset({CloseCode.NORMAL, CloseCode.GOING_AWAY})
 # Seconds between rounds of shedding, so a total that stays over the limit while
 # queues drain does not make the shedder sort every connection again and again.
 _SHED_INTERVAL = 0.01
-# Seconds between warnings about refused connections (an attacker must not be
-# able to flood the log).
-_WARN_INTERVAL = 60.0
-
-
-def _peer_key(remote: str) -> tuple[str, bool]:
-    """(what connections from *remote* ("host:port") are counted under, whether it is loopback).
-
-    An IPv4 address counts alone; an IPv6 address counts by its /64, since one
-    host is usually given a whole /64 and could otherwise take a fresh address
-    for every connection.
-    """
-    return _host_key(remote.rpartition(":")[0] or remote)
-
-
-@functools.lru_cache(maxsize=4096)
-def _host_key(host: str) -> tuple[str, bool]:
-    # Cached: a handshake asks twice, and busy clients come back.
-    if host.startswith("["):
-        host = host[1:-1]
-    try:
-        addr = ipaddress.ip_address(host)
-    except ValueError:
-        return host, False
-    if isinstance(addr, ipaddress.IPv6Address):
-        if addr.ipv4_mapped is not None:
-            addr = addr.ipv4_mapped
-        else:
-            return f"{int(addr) >> 64:x}::/64", addr.is_loopback
-    return str(addr), addr.is_loopback
 
 Handler = Callable[[Connection], Awaitable[None]]
 #: A custom protocol op: returns the reply's fields (or None), or raises ProtocolError.
@@ -91,26 +65,6 @@ class Reject(Exception):
         super().__init__(f"{code} {reason}")
         self.code = code
         self.reason = reason
-
-
-@attrs.frozen
-class ServerStatistics:
-    connections: int
-    websocket_connections: int
-    tcp_connections: int
-    max_connections: int
-    #: Connections refused: over max_connections, over the fd budget, or draining.
-    rejected_connections: int
-    #: Connections accepted since start, by transport ("websocket", "tcp").
-    connects_total: dict[str, int]
-    #: Closed connections since start, by close code (4008: slow consumer, 4002: heartbeat...).
-    disconnects_total: dict[int, int]
-    #: Refused upgrades and closes for a missing, invalid or expired token.
-    auth_failures: int
-    draining: bool
-    hub: HubStatistics
-    #: Which worker of ``serve --workers N`` this is (None for a single process).
-    worker_id: int | None = None
 
 
 @attrs.define
@@ -152,7 +106,7 @@ class Server:
     ):
         self.config = config or Config()
         if ssl_context is None and self.config.certfile is not None:
-            from .tls import server_context
+            from ..net.tls import server_context
 
             ssl_context = server_context(self.config)
         #: With a context, both listeners speak TLS (``certfile``, or given here).
@@ -180,29 +134,19 @@ class Server:
         self.addresses: dict[str, list[tuple[str, int]]] = {}
         #: Set when a second signal cut the drain short: the signal number.
         self.forced_exit: int | None = None
-        self.max_connections = self.config.max_connections or 0
-        self._routes = http.push_routes(self)
         self._listeners: list[_Listener] = []
         self._connections: set[Connection] = set()
+        self._admission = Admission(self.config, self._connections)
+        self._idle = IdleScopes()
+        self._router = Router({**server_routes(self), **api_routes(self)})
+        self._http = HttpSite(self.config, self._admission, self._idle, self._router, self.ws_handlers)
         self._heartbeats = Heartbeats(self.config.ping_interval, self.config.ping_timeout,
                                       lambda: self._connections)
-        self._idle_scopes: set[trio.CancelScope] = set()
-        self._sockets = 0
-        self._fd_budget = 0
-        self._rejected = 0
-        #: Upgrades between the capacity check and being counted as connections.
-        self._upgrading = 0
         self._connects: dict[str, int] = {}
         self._disconnects: dict[int, int] = {}
         self._auth_failures = 0
-        # Open sockets per peer address (see _peer_key), for max_connections_per_ip.
-        self._per_ip: dict[str, int] = {}
-        self._per_ip_refused = 0
-        self._per_ip_warned_at = -_WARN_INTERVAL
         self._shed_lot = trio.lowlevel.ParkingLot()
         self._queue_total = QueueTotal(self.config.max_queued_bytes, self._shed_lot.unpark_all)
-        self._draining = False
-        self._http_closed = False
         self._conn_gone = trio.lowlevel.ParkingLot()
         self._drained = 0
         self._forced = 0
@@ -213,12 +157,13 @@ class Server:
 
     @property
     def draining(self) -> bool:
-        return self._draining
+        return self._admission.draining
 
     @property
-    def ws_handler(self) -> Handler:
-        """The handler on ``ws_path``."""
-        return self.ws_handlers[self.config.ws_path]
+    def max_connections(self) -> int:
+        """The connection limit in force: ``max_connections``, or what the fd limit
+        allows once serving when that is unset."""
+        return self._admission.max_connections
 
     def add_websocket(self, path: str, handler: Handler) -> None:
         """Serve WebSocket upgrades on *path* with ``async def handler(conn)``,
@@ -240,9 +185,9 @@ class Server:
         self.ops[op] = handler
         self.op_names = frozenset(self.ops)
 
-    def add_route(self, method: str, path: str, handler: http.RouteHandler) -> None:
+    def add_route(self, method: str, path: str, handler: RouteHandler) -> None:
         """Serve ``method path`` on the HTTP port with ``async def handler(request) -> Response``."""
-        self._routes[(method.upper(), path)] = handler
+        self._router.add(method, path, handler)
 
     @property
     def connections(self) -> frozenset[Connection]:
@@ -255,11 +200,11 @@ class Server:
             websocket_connections=ws,
             tcp_connections=len(self._connections) - ws,
             max_connections=self.max_connections,
-            rejected_connections=self._rejected,
+            rejected_connections=self._admission.rejected,
             connects_total=dict(self._connects),
             disconnects_total=dict(self._disconnects),
             auth_failures=self._auth_failures,
-            draining=self._draining,
+            draining=self.draining,
             hub=self.hub.statistics(),
             worker_id=self.config.worker_id,
         )
@@ -269,7 +214,7 @@ class Server:
         if self._started:
             raise RuntimeError("a Server can be served only once")
         self._started = True
-        self._check_capacity()
+        self._admission.check_fd_limit()
         cfg = self.config
         self._listeners.append(
             _Listener("ws+http", listeners.bind_listeners(cfg.host, cfg.port, cfg.backlog, cfg.reuse_port))
@@ -307,10 +252,10 @@ class Server:
         """Close gracefully: stop accepting, report not-ready, deliver everything
         already published, send 1001 to every client, and wait for them until
         *timeout* (default ``drain_timeout``); then cancel what is left."""
-        if self._draining:
+        if self.draining:
             await self._drain_done.wait()
             return
-        self._draining = True
+        self._admission.draining = True
         deadline = trio.current_time() + (self.config.drain_timeout if timeout is None else timeout)
         log.info("draining %d connections (deadline %.0fs)", len(self._connections),
                  deadline - trio.current_time())
@@ -330,27 +275,11 @@ class Server:
         with trio.move_on_at(deadline):
             while self._connections:
                 await self._conn_gone.park()
-        self._http_closed = True
         self._listeners[0].accept_scope.cancel()
-        for scope in self._idle_scopes:
-            scope.cancel()
+        self._idle.close()
         await self._drain_done.wait()
 
     # --- internals ---------------------------------------------------------------------
-
-    def _check_capacity(self) -> None:
-        soft, _hard = listeners.raise_fd_limit()
-        self._fd_budget = listeners.fd_budget(soft)
-        if not self.max_connections:
-            self.max_connections = self._fd_budget
-        elif self.max_connections > self._fd_budget:
-            log.warning(
-                "max_connections=%d exceeds what the fd limit (%d) allows (~%d); connections "
-                "past that are refused. Raise the hard limit (ulimit -Hn / LimitNOFILE) or run "
-                "several workers.", self.max_connections, soft, self._fd_budget,
-            )
-        log.info("fd limit %d: capacity ~%d connections, max_connections=%d",
-                 soft, self._fd_budget, self.max_connections)
 
     def _log_listening(self) -> None:
         tls = self.ssl_context is not None
@@ -370,13 +299,10 @@ class Server:
             serve_socket = self._serve_http_socket if lst.name == "ws+http" else self._serve_tcp_socket
 
             def on_accept(sock: socket.socket, remote: str) -> None:
-                if self._sockets >= self._fd_budget:
-                    # Past the fd budget even a refusal could fail; shed at once.
-                    self._rejected += 1
+                if self._admission.take_socket():
+                    nursery.start_soon(serve_socket, sock, remote)
+                else:
                     sock.close()
-                    return
-                self._sockets += 1
-                nursery.start_soon(serve_socket, sock, remote)
 
             for lsock in lst.sockets:
                 nursery.start_soon(self._accept, lst, lsock, on_accept)
@@ -387,60 +313,6 @@ class Server:
         with lst.accept_scope:
             await listeners.accept_loop(lsock, on_accept)
         listeners.close_listener(lsock)
-
-    def _idle_scope(self, deadline: float) -> trio.CancelScope:
-        """A scope for waiting on a request: a drain cancels it (see ``drain``).
-
-        The caller removes it from ``_idle_scopes`` when done. A plain scope
-        rather than a generator context manager: this runs for every handshake.
-        """
-        scope = trio.CancelScope(deadline=deadline)
-        if self._http_closed:
-            scope.cancel()
-        self._idle_scopes.add(scope)
-        return scope
-
-    def _has_capacity(self) -> bool:
-        return len(self._connections) + self._upgrading < self.max_connections
-
-    # --- per-address limit ------------------------------------------------------------
-
-    def _count_peer(self, remote: str) -> str | None:
-        """Count a new socket from *remote*; the key to release, or None if not counted."""
-        if self.config.max_connections_per_ip == 0:
-            return None
-        key, loopback = _peer_key(remote)
-        if not self.config.per_ip_limit(loopback):
-            return None
-        self._per_ip[key] = self._per_ip.get(key, 0) + 1
-        return key
-
-    def _release_peer(self, key: str | None) -> None:
-        if key is not None:
-            left = self._per_ip[key] - 1
-            if left:
-                self._per_ip[key] = left
-            else:
-                del self._per_ip[key]
-
-    def _peer_over_limit(self, remote: str | None) -> bool:
-        """Whether *remote*'s address has more open sockets than max_connections_per_ip
-        (this one included). A refusal is counted, and logged at most once a minute."""
-        if remote is None or self.config.max_connections_per_ip == 0:
-            return False
-        key, loopback = _peer_key(remote)
-        limit = self.config.per_ip_limit(loopback)
-        if not limit or self._per_ip.get(key, 0) <= limit:
-            return False
-        self._rejected += 1
-        self._per_ip_refused += 1
-        now = trio.current_time()
-        if now - self._per_ip_warned_at >= _WARN_INTERVAL:
-            log.warning("refused %d connection(s) over max_connections_per_ip (%d) since the last "
-                        "warning, the latest from %s", self._per_ip_refused, limit, key)
-            self._per_ip_warned_at = now
-            self._per_ip_refused = 0
-        return True
 
     # --- max_queued_bytes ---------------------------------------------------------------
 
@@ -485,13 +357,13 @@ class Server:
         """The TLS handshake, within handshake_timeout (and cancelled by a drain)."""
         if not isinstance(transport, TlsTransport):
             return True
-        scope = self._idle_scope(trio.current_time() + self.config.handshake_timeout)
+        scope = self._idle.open(trio.current_time() + self.config.handshake_timeout)
         try:
             with scope:
                 if await transport.handshake():
                     return True
         finally:
-            self._idle_scopes.discard(scope)
+            self._idle.discard(scope)
         log.debug("TLS handshake with %s %s", remote, "timed out" if scope.cancelled_caught else "failed")
         return False
 
@@ -503,29 +375,14 @@ class Server:
         else:
             transport.close()
 
-    async def _route(self, req: http.Request) -> http.Response:
-        handler = self._routes.get((req.method, req.path))
-        if handler is None:
-            allowed = sorted(m for (m, p) in self._routes if p == req.path)
-            if allowed:
-                return http.json_error(405, ErrorCode.METHOD_NOT_ALLOWED,
-                                       f"{req.method} not allowed on {req.path}",
-                                       [(b"allow", ", ".join(allowed).encode())])
-            return http.json_error(404, ErrorCode.NOT_FOUND, f"no route for {req.path}")
-        try:
-            return await handler(req)
-        except Exception:
-            log.exception("route %s %s failed", req.method, req.path)
-            return http.json_error(500, ErrorCode.INTERNAL, "internal error")
-
     async def _serve_http_socket(self, sock: socket.socket, remote: str) -> None:
-        peer = self._count_peer(remote)
+        peer = self._admission.count_peer(remote)
         transport = self._transport_for(sock)
         try:
             if not await self._tls_handshake(transport, remote):
                 return
             try:
-                upgrade = await http.serve_http(transport, self, remote)
+                upgrade = await serve_http(transport, self._http, remote)
             except Exception:
                 # A bug in request handling costs this socket, never the listener.
                 log.exception("HTTP handling failed for %s; closing the socket", remote)
@@ -538,34 +395,27 @@ class Server:
                 self._authenticate(conn, upgrade.token)
                 # The upgrade's reserved slot becomes the connection itself:
                 # _run_connection counts it before its first checkpoint.
-                self._upgrading -= 1
+                self._admission.release()
                 await self._run_connection(conn, self.ws_handlers[upgrade.path])
         finally:
             await self._close_transport(transport)
-            self._release_peer(peer)
-            self._sockets -= 1
+            self._admission.release_peer(peer)
+            self._admission.release_socket()
 
     async def _serve_tcp_socket(self, sock: socket.socket, remote: str) -> None:
-        peer = self._count_peer(remote)
+        peer = self._admission.count_peer(remote)
         transport = self._transport_for(sock)
         try:
             if not await self._tls_handshake(transport, remote):
                 return
-            refusal = None
-            if self._draining or not self._has_capacity():
-                self._rejected += 1
-                code = CloseCode.GOING_AWAY if self._draining else CloseCode.TRY_AGAIN_LATER
-                refusal = ndjson.close_line(code, "server is draining" if self._draining
-                                            else "server at capacity")
-            elif self._peer_over_limit(remote):
-                refusal = ndjson.close_line(CloseCode.TRY_AGAIN_LATER, "too many connections from "
-                                            "your address (max_connections_per_ip)")
+            refusal = self._admission.refusal(remote)
             if refusal is not None:
+                line = ndjson.close_line(refusal.code, refusal.reason)
                 if isinstance(transport, SocketTransport):
-                    transport.try_send(refusal)
+                    transport.try_send(line)
                 else:
                     with trio.move_on_after(self.config.close_timeout):
-                        await transport.send_all(refusal)
+                        await transport.send_all(line)
                 return
             nursery = self._listeners[-1].nursery
             assert nursery is not None
@@ -579,8 +429,8 @@ class Server:
             pass
         finally:
             await self._close_transport(transport)
-            self._release_peer(peer)
-            self._sockets -= 1
+            self._admission.release_peer(peer)
+            self._admission.release_socket()
 
     def _authenticate(self, conn: Connection, token: str | None) -> None:
         """Give *conn* its claims from *token*, or start closing it with 4001.
@@ -612,7 +462,7 @@ class Server:
         name = conn.transport_name
         self._connects[name] = self._connects.get(name, 0) + 1
         log.debug("connect %s (%s)", conn.remote, name)
-        if self._draining:
+        if self.draining:
             conn.start_close(CloseCode.GOING_AWAY)
         try:
             try:
@@ -642,9 +492,9 @@ class Server:
                     log.exception("on_disconnect failed for %s", conn.remote)
             if conn.state is not ConnectionState.CLOSED:
                 conn.abort()
-                if self._draining:
+                if self.draining:
                     self._forced += 1
-            elif self._draining:
+            elif self.draining:
                 self._drained += 1
             with trio.CancelScope(shield=True):
                 await conn.transport.aclose()
@@ -662,7 +512,7 @@ class Server:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async for signum in signals:
                 name = signal.Signals(signum).name
-                if not self._draining:
+                if not self.draining:
                     log.info("%s: draining (send it again to exit at once)", name)
                     root.start_soon(self.drain)
                 else:
@@ -670,3 +520,23 @@ class Server:
                     self.forced_exit = signum
                     root.cancel_scope.cancel()
                     return
+
+
+def server_routes(server: Server) -> dict[tuple[str, str], RouteHandler]:
+    """The server's own routes: ``/healthz``, ``/readyz`` and ``/metrics``."""
+
+    async def healthz(req: Request) -> Response:
+        return json_response(200, {"status": "ok"})
+
+    async def readyz(req: Request) -> Response:
+        if server.draining:
+            return json_response(503, {"status": "draining"})
+        return json_response(200, {"status": "ready"})
+
+    async def metrics(req: Request) -> Response:
+        # Imported here so prometheus_client is loaded only by servers that get scraped.
+        from .metrics import metrics_response
+
+        return metrics_response(server, req)
+
+    return {("GET", "/healthz"): healthz, ("GET", "/readyz"): readyz, ("GET", "/metrics"): metrics}

@@ -71,25 +71,25 @@ class History:
         self._positions.pop(topic, None)
 
     def since(self, topic: str, offset: int, now: float, limit: int | None = None
-              ) -> tuple[bool, tuple[bytes, ...]]:
-        """What follows *offset* in *topic*: (complete, payloads), where complete
+              ) -> tuple[tuple[bytes, ...], bool]:
+        """What follows *offset* in *topic*: (payloads, complete), where complete
         means history still covers everything up to the position."""
         position = self.position(topic)
         if not 0 <= offset <= position:
-            return False, ()
+            return (), False
         if offset == position:
-            return True, ()
+            return (), True
         held = self._topics.get(topic)
         if held is None:
-            return False, ()
+            return (), False
         entries, _, ttl = held
         self._expire(entries, ttl, now)
         if not entries or entries[0][0] > offset + 1:
-            return False, ()
+            return (), False
         missed = [payload for off, payload, _ in entries if off > offset]
         if limit is not None:
             missed = missed[:limit]
-        return True, tuple(missed)
+        return tuple(missed), True
 
     def after(self, topic: str, offset: int, now: float, limit: int) -> tuple[tuple[bytes, ...], bool]:
         """Up to *limit* held publications after *offset*, and whether history

@@ -1,34 +1,37 @@
-"""A client connection: reader, bounded outbound queue, heartbeat and close handshake.
+"""A client connection: reader, heartbeat deadline, rate limit and close handshake.
 
 One task per connection, the one that made it, reads; nothing else runs while
-the connection is idle. Sending is synchronous: with an empty queue a frame
-goes straight to the socket, and only what the kernel did not take waits in a
-queue, for a writer task that exists only while there is backlog. The
-heartbeat's timeout is the deadline of the reader's cancel scope, not a
-sleeping task; under a server, the pings themselves come from one task for
-all connections (trioserve/heartbeat.py says why).
+the connection is idle. Sending is in :mod:`.outbound`. The heartbeat's
+timeout is the deadline of the reader's cancel scope, not a sleeping task;
+under a server the pings themselves come from one task for all connections
+(:mod:`.heartbeat`).
 """
 
 from __future__ import annotations
 
-import enum
 import itertools
 import logging
 from collections import deque
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import attrs
 import trio
 
-from .auth import Claims, seconds_left
-from .config import Config, SlowConsumerPolicy
-from .protocol.codes import CloseCode, default_reason
-from .protocol.messages import REFRESH_REQUIRED
+from ..config import Config
+from ..protocol.claims import Claims, seconds_left
+from ..protocol.codes import CloseCode, default_reason
+from ..protocol.messages import REFRESH_REQUIRED
+from .heartbeat import Heartbeats
+from .outbound import (
+    CLOSE_FAILED,
+    CLOSE_HANDSHAKE,
+    ConnectionClosed,
+    ConnectionState,
+    Framing,
+    QueueTotal,
+    Sender,
+)
 from .transport import Transport
-
-if TYPE_CHECKING:
-    from .heartbeat import Heartbeats
 
 __all__ = [
     "RATE_CLOSE_FACTOR",
@@ -44,76 +47,9 @@ log = logging.getLogger("trioserve.connection")
 
 _ids = itertools.count(1)
 
-_MAX_IOV = 64
 #: A connection that sends this many times ``rate_burst`` messages beyond its
 #: allowance (it kept going after ``rate_limited`` replies) is closed with 4029.
 RATE_CLOSE_FACTOR = 10
-# Bytes handed to one sendmsg(); more would only sit in the kernel's buffer anyway.
-_MAX_WRITE = 256 * 1024
-
-# How a close ends once our close frame (or line) is flushed:
-#: wait for the peer's close frame (WebSocket) or EOF (TCP);
-_HANDSHAKE = "handshake"
-#: we answered the peer's close: close the transport;
-_REPLIED = "replied"
-#: we failed the connection (bad input): send EOF and discard whatever still
-#: arrives until the peer closes or the close deadline passes, so our close
-#: frame is not destroyed by a reset (closing with unread input sends RST).
-_FAILED = "failed"
-
-
-class ConnectionState(enum.Enum):
-    OPEN = "open"
-    CLOSING = "closing"
-    CLOSED = "closed"
-
-
-class ConnectionClosed(Exception):
-    """The connection is closed; ``code`` and ``reason`` say why."""
-
-    def __init__(self, code: int | None, reason: str | None):
-        super().__init__(f"connection closed: {code} {reason or ''}".rstrip())
-        self.code = code
-        self.reason = reason
-
-
-@attrs.frozen
-class Framing:
-    """How a transport frames payloads; the hub frames each batch once per framing."""
-
-    name: str
-    frame_batch: Callable[[Sequence[bytes]], bytes]
-
-
-class QueueTotal:
-    """Outbound bytes queued over every connection of a server, against ``max_queued_bytes``.
-
-    Connections add and subtract their own queue's changes here, so the total is
-    always exact and costs nothing on the hot path: a frame the kernel takes at
-    once is never queued and never touches this. The alternative, a task adding
-    up every connection's queue every 100 ms, would cost O(connections) per tick
-    even on an idle server, and would notice a burst 100 ms late. Crossing the
-    limit calls *on_over* once, which wakes the server's shedder; shedding itself
-    (finding the largest queues) runs in that task, outside the fan-out loop.
-    """
-
-    __slots__ = ("bytes", "limit", "on_over", "over")
-
-    def __init__(self, limit: int = 0, on_over: Callable[[], object] | None = None):
-        #: Bytes queued now, over every connection that shares this total.
-        self.bytes = 0
-        #: 0: no limit.
-        self.limit = limit
-        self.on_over = on_over
-        #: True from crossing the limit until the shedder has run.
-        self.over = False
-
-    def exceeded(self) -> None:
-        if not self.over:
-            self.over = True
-            if self.on_over is not None:
-                self.on_over()
-
 
 # Connections made without a server (tests, your own listener) share this one: no limit.
 _NO_TOTAL = QueueTotal()
@@ -138,7 +74,7 @@ class ConnectionStatistics:
     close_reason: str | None
 
 
-class Connection:
+class Connection(Sender):
     """Base class; see :class:`WebSocketConnection` and :class:`TcpConnection`.
 
     A Connection belongs to the task that created it: that task reads (via
@@ -151,7 +87,6 @@ class Connection:
     __slots__ = (
         "_beats",
         "_bytes_in",
-        "_bytes_out",
         "_close_code",
         "_close_deadline",
         "_close_mode",
@@ -159,29 +94,20 @@ class Connection:
         "_config",
         "_data",
         "_done",
-        "_drained",
-        "_dropped",
         "_expires_at",
-        "_head_offset",
         "_inbox",
         "_last_rx",
         "_msgs_in",
-        "_msgs_out",
         "_nursery",
         "_ping_sent_at",
-        "_queue",
-        "_queued_bytes",
-        "_queued_frames",
         "_rate_at",
         "_rate_debt",
         "_reading",
         "_refresh_sent",
         "_scope",
-        "_slow",
         "_task",
         "_total",
         "_transport",
-        "_writer_running",
         "claims",
         "id",
         "remote",
@@ -238,16 +164,12 @@ class Connection:
         self._close_code: int | None = None
         self._close_reason: str | None = None
         self._close_deadline = 0.0
-        self._close_mode = _HANDSHAKE
+        self._close_mode = CLOSE_HANDSHAKE
         self._bytes_in = self._bytes_out = self._msgs_in = self._msgs_out = 0
         self._dropped = 0
         self._slow = False
 
     # --- framing hooks -----------------------------------------------------------
-
-    def frame(self, message: str | bytes) -> bytes:
-        """The wire bytes of one application message on this transport."""
-        raise NotImplementedError
 
     def _close_frame(self, code: int, reason: str) -> bytes:
         raise NotImplementedError
@@ -258,201 +180,6 @@ class Connection:
     def _feed(self, data: bytes) -> None:
         """Parse received bytes; queue complete messages with :meth:`_deliver_in`."""
         raise NotImplementedError
-
-    # --- sending -------------------------------------------------------------------
-
-    def send_prepared(self, data: bytes, count: int = 1) -> bool:
-        """Send bytes that are already framed for this transport (*count* frames).
-
-        This is the fan-out hot path: no checkpoint, and with an empty queue
-        no task switch. Returns False if the connection is not open (the data
-        is dropped, as the connection is going away).
-        """
-        if self.state is not ConnectionState.OPEN:
-            return False
-        self._write(data, count, limited=True)
-        return True
-
-    def send_encoded(self, payload: bytes) -> bool:
-        """Send one UTF-8 text payload (a JSON reply, say) as a text message."""
-        return self.send_prepared(self.framing.frame_batch((payload,)))
-
-    def send_nowait(self, message: str | bytes) -> bool:
-        """Queue one message (``str``: text, ``bytes``: binary or a raw line).
-
-        Applies the slow-consumer policy when the queue is over its limit.
-        """
-        return self.send_prepared(self.frame(message))
-
-    async def send(self, message: str | bytes) -> None:
-        """Send one message, waiting while the outbound queue is full.
-
-        Like a send on a Go buffered channel: it blocks on backpressure instead
-        of tripping the slow-consumer policy. Raises :class:`ConnectionClosed`.
-        """
-        frame = self.frame(message)
-        while self._queue is not None and self._over_limit(len(frame), 1):
-            if self._drained is None:
-                self._drained = trio.Event()
-            await self._drained.wait()
-        if not self.send_prepared(frame):
-            raise ConnectionClosed(self._close_code, self._close_reason)
-        await trio.lowlevel.checkpoint()
-
-    def _over_limit(self, extra_bytes: int = 0, extra_frames: int = 0) -> bool:
-        cfg = self._config
-        return (
-            self._queued_bytes + extra_bytes > cfg.queue_max_bytes
-            or self._queued_frames + extra_frames > cfg.queue_max_frames
-        )
-
-    def _write(self, data: bytes, count: int, limited: bool) -> None:
-        if self._queue is None:
-            try:
-                sent = self._transport.try_send(data)
-            except OSError:
-                self._broken()
-                return
-            self._bytes_out += sent
-            if sent == len(data):
-                self._msgs_out += count
-                if self.state is ConnectionState.CLOSING:
-                    self._flushed()
-                return
-            self._queue = deque()
-            self._head_offset = sent
-            added = len(data) - sent
-        else:
-            added = len(data)
-        # Only frames the kernel did not take at once get here: the fan-out hot
-        # path above is unchanged by the process-wide total.
-        self._queue.append((data, count))
-        self._queued_bytes += added
-        self._queued_frames += count
-        total = self._total
-        total.bytes += added
-        if limited and self._over_limit():
-            self._on_backlog_limit()
-        if total.bytes > total.limit > 0:
-            total.exceeded()
-        if not self._writer_running and self._queue is not None:
-            self._writer_running = True
-            self._nursery.start_soon(self._writer)
-
-    def _on_backlog_limit(self) -> None:
-        queue = self._queue
-        assert queue is not None
-        # A partly sent frame must be finished, or the peer's framing breaks.
-        keep = 1 if self._head_offset else 0
-        if self._config.slow_consumer_policy is SlowConsumerPolicy.DROP_OLDEST:
-            total = self._total
-            while len(queue) > keep + 1 and self._over_limit():
-                data, count = queue[keep]
-                del queue[keep]
-                self._queued_bytes -= len(data)
-                total.bytes -= len(data)
-                self._queued_frames -= count
-                self._dropped += count
-            return
-        log.info("slow consumer %s: queue over its limit, closing 4008", self.remote)
-        self._close_slow()
-
-    def _close_slow(self) -> None:
-        """Drop what waits in the queue and close with 4008."""
-        queue = self._queue
-        assert queue is not None
-        keep = 1 if self._head_offset else 0
-        self._slow = True
-        total = self._total
-        while len(queue) > keep:
-            data, count = queue.pop()
-            self._queued_bytes -= len(data)
-            total.bytes -= len(data)
-            self._queued_frames -= count
-        # The queue object stays even if empty: a batch may be in flight, and the
-        # close frame must go out after it, not around it.
-        self._start_close(CloseCode.SLOW_CONSUMER)
-
-    def shed(self) -> None:
-        """Give up on this connection's queue to save the process's memory
-        (``max_queued_bytes``): an open connection drops its queue and closes
-        with 4008; one that is already closing is closed at once."""
-        if self.state is ConnectionState.OPEN and self._queue is not None:
-            log.info("slow consumer %s: one of the largest queues while the server is over "
-                     "max_queued_bytes, closing 4008", self.remote)
-            self._close_slow()
-        elif self.state is not ConnectionState.CLOSED:
-            self.abort()
-
-    async def _writer(self) -> None:
-        try:
-            while self._queue:
-                await self._transport.wait_writable()
-                if not self._queue:
-                    break
-                batch, bufs = self._take_batch()
-                self._after_send(batch, await self._transport.send_some(bufs))
-        except OSError:
-            self._broken()
-        finally:
-            self._writer_running = False
-
-    def _take_batch(self) -> tuple[list[tuple[bytes, int]], list[bytes | memoryview]]:
-        # Entries leave the queue while in flight, so the slow-consumer policy
-        # never trims bytes a send already holds. The deque itself stays, so
-        # send_prepared keeps queueing behind them instead of overtaking them.
-        queue = self._queue
-        assert queue is not None
-        batch: list[tuple[bytes, int]] = []
-        bufs: list[bytes | memoryview] = []
-        size = 0
-        while queue and len(batch) < _MAX_IOV and size < _MAX_WRITE:
-            entry = queue.popleft()
-            data = entry[0]
-            if not batch and self._head_offset:
-                bufs.append(memoryview(data)[self._head_offset :])
-            else:
-                bufs.append(data)
-            size += len(bufs[-1])
-            batch.append(entry)
-        return batch, bufs
-
-    def _after_send(self, batch: list[tuple[bytes, int]], sent: int) -> None:
-        self._bytes_out += sent
-        queue = self._queue
-        if queue is None:  # closed while the write was in flight
-            return
-        self._queued_bytes -= sent
-        self._total.bytes -= sent
-        offset = self._head_offset + sent
-        for i, (data, count) in enumerate(batch):
-            if offset < len(data):
-                queue.extendleft(reversed(batch[i:]))
-                break
-            offset -= len(data)
-            self._queued_frames -= count
-            self._msgs_out += count
-        else:
-            offset = 0
-        self._head_offset = offset
-        if not queue:
-            self._queue = None
-            self._flushed()
-
-    def _flushed(self) -> None:
-        if self._drained is not None:
-            self._drained.set()
-            self._drained = None
-        if self.state is ConnectionState.CLOSING:
-            if self._close_mode is _REPLIED:
-                self._finish()
-            elif self._close_mode is _FAILED:
-                self._transport.shutdown_write()
-            else:
-                self._on_close_sent()
-
-    def _on_close_sent(self) -> None:
-        """The close frame is out; wait for the peer's (the reader does)."""
 
     # --- receiving -------------------------------------------------------------------
 
@@ -552,7 +279,7 @@ class Connection:
         else:
             deadline = self._last_rx + self._config.ping_interval
             if self._beats is not None:
-                deadline += self._beats.slack  # the sweep pings; see trioserve/heartbeat.py
+                deadline += self._beats.slack  # the sweep pings; see trioserve/net/heartbeat.py
         if self._expires_at is not None and self._expires_at < deadline:
             return self._expires_at
         return deadline
@@ -573,7 +300,7 @@ class Connection:
     def ping_if_idle(self, cutoff: float, now: float) -> bool:
         """Send the heartbeat ping if nothing came in since *cutoff* and none is out.
 
-        Called by :class:`~trioserve.heartbeat.Heartbeats`, whose ``slack``
+        Called by :class:`~trioserve.net.heartbeat.Heartbeats`, whose ``slack``
         makes the reader's current deadline this ping's timeout.
         """
         if self._last_rx > cutoff or self._ping_sent_at is not None \
@@ -617,7 +344,7 @@ class Connection:
         self._close_code = code
         self._close_reason = reason
         self._close_deadline = trio.current_time() + self._config.close_timeout
-        self._close_mode = _FAILED if failed else _HANDSHAKE
+        self._close_mode = CLOSE_FAILED if failed else CLOSE_HANDSHAKE
         if self._scope is not None:
             self._scope.deadline = self._close_deadline
         self._write(self._close_frame(code, reason), 0, limited=False)

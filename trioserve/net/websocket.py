@@ -10,11 +10,12 @@ from wsproto.connection import Connection as WSConnection
 from wsproto.connection import ConnectionState as WSState
 from wsproto.connection import ConnectionType
 
-from .config import Config
-from .connection import _FAILED, _REPLIED, Connection, ConnectionState, Framing, QueueTotal
+from ..config import Config
+from ..protocol import websocket
+from ..protocol.codes import CloseCode
+from .connection import Connection
 from .heartbeat import Heartbeats
-from .protocol import websocket
-from .protocol.codes import CloseCode
+from .outbound import CLOSE_FAILED, CLOSE_REPLIED, ConnectionState, Framing, QueueTotal
 from .transport import Transport
 
 __all__ = ["WEBSOCKET", "WebSocketConnection"]
@@ -76,7 +77,7 @@ class WebSocketConnection(Connection):
         return self._parts_size + len(data.encode()) > limit
 
     def _feed(self, data: bytes) -> None:
-        if self._close_mode is _FAILED:
+        if self._close_mode is CLOSE_FAILED:
             return
         ws = self._ws
         ws.receive_data(data)
@@ -90,7 +91,7 @@ class WebSocketConnection(Connection):
             elif isinstance(event, wse.CloseConnection):
                 self._on_close_event(event)
                 return
-            if self._close_mode is _FAILED:
+            if self._close_mode is CLOSE_FAILED:
                 return
 
     def _on_message_part(self, event: wse.TextMessage | wse.BytesMessage) -> None:
@@ -120,7 +121,7 @@ class WebSocketConnection(Connection):
                 self._close_code = event.code
                 self._close_reason = event.reason
                 self._close_deadline = trio.current_time() + self._config.close_timeout
-            self._close_mode = _REPLIED
+            self._close_mode = CLOSE_REPLIED
             self._write(self._ws.send(event.response()), 0, limited=False)
         else:
             # wsproto reports a malformed frame as a close event while still OPEN.

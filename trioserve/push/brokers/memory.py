@@ -7,8 +7,8 @@ from typing import Any
 
 import trio
 
-from ..protocol.messages import encode_publication
-from . import Broker
+from ...protocol.messages import encode_publication
+from .base import Broker
 
 __all__ = ["MemoryBroker"]
 
@@ -26,9 +26,6 @@ class MemoryBroker(Broker):
 
     def epoch(self, topic: str) -> str:
         return self._epoch
-
-    def offset(self, topic: str) -> int:
-        return self._offsets.get(topic, 0)
 
     def publish_nowait(self, topic: str, data: Any) -> int:
         offset = self._offsets.get(topic, 0) + 1

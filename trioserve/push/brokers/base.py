@@ -1,4 +1,4 @@
-"""Brokers: where offsets are assigned and publications travel between processes.
+"""The broker seam: what a broker offers the hub, and what it may do to the hub.
 
 The hub above is the same for every broker. A broker assigns each topic's
 offsets and epoch, and hands publications to ``hub.deliver_nowait`` in offset
@@ -8,15 +8,33 @@ pub/sub, so every node of a cluster sees the same offsets.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import trio
 
-if TYPE_CHECKING:
-    from ..config import Config
-    from ..hub import Hub
+__all__ = ["Broker", "BrokerUnavailable", "HubPort"]
 
-__all__ = ["Broker", "BrokerUnavailable", "make_broker"]
+
+class HubPort(Protocol):
+    """What a broker may do to the hub it feeds (a :class:`trioserve.Hub`)."""
+
+    def deliver_nowait(self, topic: str, offset: int, payload: bytes) -> None:
+        """Queue a publication for fan-out, in offset order."""
+
+    async def wait_for_space(self) -> None:
+        """Wait while the hub's inbox is full."""
+
+    def position(self, topic: str) -> int:
+        """The offset of the last publication of *topic* already fanned out."""
+
+    def subscriber_count(self, topic: str) -> int: ...
+
+    def close_subscribers(self, topic: str, code: int, reason: str) -> int:
+        """Make *topic*'s subscribers reconnect and recover."""
+
+    def reset_history(self, topic: str, position: int) -> None: ...
+
+    def forget_history(self, topic: str) -> None: ...
 
 
 class BrokerUnavailable(Exception):
@@ -30,7 +48,9 @@ class Broker:
     #: no checkpoint, so a burst from one reader becomes one fan-out batch.
     synchronous: bool = True
 
-    def attach(self, hub: Hub) -> None:
+    hub: HubPort
+
+    def attach(self, hub: HubPort) -> None:
         self.hub = hub
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -41,10 +61,6 @@ class Broker:
     def epoch(self, topic: str) -> str:
         """The name of *topic*'s current history; it changes when history is lost."""
         raise NotImplementedError
-
-    def offset(self, topic: str) -> int:
-        """The last offset assigned to *topic* that this process knows without I/O."""
-        return 0
 
     def publish_nowait(self, topic: str, data: Any) -> int:
         """Publish without waiting (synchronous brokers only); returns the offset."""
@@ -75,19 +91,3 @@ class Broker:
         after *after* (at most *limit*), and the offset the run reaches.
         Memory brokers have nothing to add to the hub's own history."""
         return [], after
-
-
-def make_broker(config: Config) -> Broker:
-    """The broker *config* names (``broker = "memory://"`` or ``"redis://..."``)."""
-    url = getattr(config, "broker", "memory://") or "memory://"
-    if url.startswith(("redis://", "rediss://")):
-        try:
-            from .redis import RedisBroker
-        except ImportError as exc:
-            raise RuntimeError(
-                f"the Redis broker needs coredis: pip install 'trioserve[redis]' ({exc})"
-            ) from None
-        return RedisBroker(url, config)
-    from .memory import MemoryBroker
-
-    return MemoryBroker()

@@ -15,7 +15,7 @@ connections one process can. The supervisor:
    ``load_config``. Secrets never appear in a worker's argv or environment.
 3. **Starts the workers** as ``python -m trioserve _worker`` in their own
    process group, so a terminal's Ctrl-C reaches only the supervisor, which then
-   drains them once rather than twice. See :mod:`trioserve.worker`.
+   drains them once rather than twice. See :mod:`trioserve.ops.worker`.
 4. **Restarts a worker that dies**, after a backoff that doubles from 0.5 s to
    30 s and starts over once a worker has run for 30 s, and logs how it died.
    A worker that fails before the first start-up is complete stops everything:
@@ -42,8 +42,8 @@ import attrs
 import orjson
 import trio
 
-from . import listeners
-from .config import Config, redact_url
+from ..config import Config, redact_url
+from ..net import listeners
 from .worker import write_worker_config
 
 __all__ = ["Supervisor", "describe_exit"]

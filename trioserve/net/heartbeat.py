@@ -1,26 +1,15 @@
 """One task per server sends the heartbeat pings of every idle connection.
 
-A connection's reader used to send its own ping when its cancel scope's
-deadline (``ping_interval`` after the last byte in) expired. That costs a trio
-cancellation per ping: the deadline heap, ``CancelStatus.recalculate``, the
-abort of the pending ``wait_readable`` and ``Cancelled`` raised through the
-reader. A profile put ~60% of the heartbeat's cost there, 129 µs of server
-CPU per ping and pong on the project machine. With 100,000 connections and
-the default 25 s interval that is 4,000 pings/s, 0.65 of a core of six
-workers before anything is published, which took the 100k broadcast's p99
-over its target.
-
-So the pings come from here: every ``tick`` this task walks the connections
-and pings those silent for ``ping_interval``, with a synchronous send and no
-task switch. The reader wakes only when the pong arrives. Its cancel scope
-still does the rest, as before: it times out close handshakes and token
-grace periods, and while no ping is out its deadline is ``ping_interval +
-tick + ping_timeout`` after the last byte in. A ping goes out within a tick
-of the interval, so that deadline is the pong's timeout, at most one tick
-late, and the scope is never touched by this task (trio's deadline setter
-costs a generator context manager, ~20% of the remaining cost when it was
-moved per ping). Should this task stall, the deadline finds no ping out and
-the reader sends it itself.
+Every ``tick`` this task walks the connections and pings those silent for
+``ping_interval``, with a synchronous send and no task switch; the reader
+wakes only when the pong arrives. The reader's cancel scope does the rest:
+it times out close handshakes and token grace periods, and while no ping is
+out its deadline is ``ping_interval + tick + ping_timeout`` after the last
+byte in. A ping goes out within a tick of the interval, so that deadline is
+the pong's timeout, at most one tick late, and this task never touches the
+scope. Should this task stall, the deadline finds no ping out and the reader
+sends the ping itself. Why not a cancellation per ping: docs/decisions.md,
+"Heartbeat pings from one task".
 
 The walk costs ~0.1 µs per connection per tick; ``tick`` is an eighth of the
 interval, at most one second.
@@ -29,14 +18,17 @@ interval, at most one second.
 from __future__ import annotations
 
 from collections.abc import Callable, Collection
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import trio
 
-if TYPE_CHECKING:
-    from .connection import Connection
+__all__ = ["Heartbeats", "Pingable"]
 
-__all__ = ["Heartbeats"]
+
+class Pingable(Protocol):
+    """What the sweep needs of a connection."""
+
+    def ping_if_idle(self, cutoff: float, now: float) -> bool: ...
 
 MAX_TICK = 1.0
 # Connections per step of the walk: a server with 100k connections still lets
@@ -50,7 +42,7 @@ class Heartbeats:
     __slots__ = ("_connections", "interval", "slack", "tick")
 
     def __init__(self, interval: float, timeout: float,
-                 connections: Callable[[], Collection[Connection]]):
+                 connections: Callable[[], Collection[Pingable]]):
         self.interval = interval
         self.tick = min(MAX_TICK, interval / 8)
         #: The reader's deadline past the interval while no ping is out: the
@@ -62,7 +54,7 @@ class Heartbeats:
         """Ping every connection silent for the interval; returns how many were pinged."""
         return self._sweep_part(list(self._connections()))
 
-    def _sweep_part(self, conns: list[Connection]) -> int:
+    def _sweep_part(self, conns: list[Pingable]) -> int:
         now = trio.current_time()
         cutoff = now - self.interval
         sent = 0

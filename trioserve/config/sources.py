@@ -22,7 +22,8 @@ from typing import Any
 
 import attrs
 
-from .config import Config, ConfigError, HistoryRule, type_name
+from .checks import ConfigError, HistoryRule, type_name
+from .model import Config
 
 __all__ = ["CONFIG_ENV", "ENV_PREFIX", "KEY_FILE", "OPTIONS", "Kind", "Option", "load_config",
            "render_config"]
@@ -378,7 +379,11 @@ def load_config(
     env: Mapping[str, str] | None = None,
     overrides: Mapping[str, Any] | None = None,
 ) -> Config:
-    """See :func:`trioserve.config.load_config`."""
+    """A Config from a TOML file, then ``TRIOSERVE_*`` variables, then *overrides*.
+
+    Each later source wins. *path* defaults to ``TRIOSERVE_CONFIG``; *env* to
+    ``os.environ``. Every problem raises :class:`ConfigError` with a one-line message.
+    """
     environ = os.environ if env is None else env
     if path is None:
         path = environ.get(CONFIG_ENV) or None

@@ -20,8 +20,6 @@ import trio
 __all__ = ["SocketTransport", "StreamTransport", "TlsTransport", "Transport"]
 
 _RECV_SIZE = 65536
-# A reset peer is an ordinary event for a server with many clients.
-_GONE = (ConnectionError, BrokenPipeError)
 # Seconds a TLS close_notify may take to go out before the socket is closed anyway.
 _TLS_CLOSE_TIMEOUT = 1.0
 

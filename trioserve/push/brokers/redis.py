@@ -36,12 +36,12 @@ import coredis.retry
 import orjson
 import trio
 
-from ..config import redact_url
-from ..protocol.codes import CloseCode
-from . import Broker, BrokerUnavailable
+from ...config import redact_url
+from ...protocol.codes import CloseCode
+from .base import Broker, BrokerUnavailable
 
 if TYPE_CHECKING:
-    from ..config import Config
+    from ...config import Config
 
 __all__ = ["RedisBroker"]
 
@@ -105,9 +105,8 @@ class RedisBroker(Broker):
         self.config = config
         password = getattr(config, "broker_password", None)
         # No retries: a publish script that timed out may still run when Redis
-        # recovers, and re-sending it would publish it twice under two offsets
-        # (a fault test saw 560 publishes become 1,062). The caller gets a 503
-        # instead, and decides.
+        # recovers, and re-sending it would publish it twice under two offsets.
+        # The caller gets a 503 instead, and decides (docs/decisions.md).
         options: dict[str, Any] = {"connect_timeout": 2, "stream_timeout": 5,
                                    "retry_policy": coredis.retry.NoRetryPolicy()}
         if password:
@@ -291,7 +290,7 @@ class RedisBroker(Broker):
                     continue
                 self._enqueued.pop(topic, None)
                 self._epochs.pop(topic, None)
-                self.hub.history.forget(topic)
+                self.hub.forget_history(topic)
                 if self._pubsub is not None:
                     await self._pubsub.unsubscribe(_channel(topic))
 
@@ -312,7 +311,7 @@ class RedisBroker(Broker):
         # are replayed before any later one can be handled.
         self._epochs[topic] = epoch
         self._enqueued[topic] = position
-        self.hub.history.reset(topic, position)
+        self.hub.reset_history(topic, position)
         for msg_epoch, offset, payload in self._pending.pop(topic, []):
             if msg_epoch == self._epochs[topic] and offset <= position:
                 continue  # published before the position we read: not ours to deliver
@@ -363,15 +362,13 @@ class RedisBroker(Broker):
     def _lost(self, topic: str, epoch: str, next_offset: int) -> None:
         """Publications before *next_offset* cannot be delivered: make the
         topic's subscribers recover (and learn of the gap) by reconnecting."""
-        subscribers = self.hub.subscribers(topic)
+        closed = self.hub.close_subscribers(topic, CloseCode.TRY_AGAIN_LATER,
+                                            "publications missed; reconnect and recover")
         log.warning("%s: publications before %d of topic %s are lost to this node; "
-                    "closing its %d subscribers so they recover", self, next_offset, topic,
-                    len(subscribers))
-        for conn in subscribers:
-            conn.start_close(CloseCode.TRY_AGAIN_LATER, "publications missed; reconnect and recover")
+                    "closing its %d subscribers so they recover", self, next_offset, topic, closed)
         self._epochs[topic] = epoch
         self._enqueued[topic] = next_offset - 1
-        self.hub.history.reset(topic, next_offset - 1)
+        self.hub.reset_history(topic, next_offset - 1)
         if self._progress:
             self._progress.unpark_all()
 

@@ -10,26 +10,15 @@ that could be forgotten.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
-from fnmatch import fnmatchcase
 from typing import Any
 
-import attrs
 import jwt
 
-from .config import Config
+from ..config import Config
+from ..protocol.claims import AuthError, Claims
 
-__all__ = ["ANONYMOUS", "AuthError", "Authenticator", "Claims"]
-
-
-class AuthError(Exception):
-    """A token was refused. ``code`` names why; the message says what to fix."""
-
-    def __init__(self, code: str, message: str):
-        super().__init__(message)
-        self.code = code
-        self.message = message
+__all__ = ["Authenticator"]
 
 
 def _patterns(value: object, name: str) -> tuple[str, ...]:
@@ -40,32 +29,6 @@ def _patterns(value: object, name: str) -> tuple[str, ...]:
     if isinstance(value, list) and all(isinstance(p, str) for p in value):
         return tuple(value)
     raise AuthError("token_invalid", f"claim '{name}' must be a list of topic patterns")
-
-
-@attrs.frozen
-class Claims:
-    """Who a connection is and what it may do."""
-
-    #: The client id (the token's ``sub``), shown in presence.
-    sub: str
-    #: Unix time the token expires, or None for no expiry (anonymous).
-    exp: float | None = None
-    subscribe: tuple[str, ...] = ("*",)
-    publish: tuple[str, ...] = ()
-    presence: bool = False
-    #: True for a connection without a token.
-    anonymous: bool = False
-
-    def may_subscribe(self, topic: str) -> bool:
-        return any(fnmatchcase(topic, p) for p in self.subscribe)
-
-    def may_publish(self, topic: str) -> bool:
-        return any(fnmatchcase(topic, p) for p in self.publish)
-
-
-#: Claims of a connection without a token, where anonymous access is allowed.
-#: Publishing is then governed by ``client_publish`` alone.
-ANONYMOUS = Claims(sub="anonymous", subscribe=("*",), publish=("*",), presence=True, anonymous=True)
 
 
 class Authenticator:
@@ -158,8 +121,3 @@ class Authenticator:
             publish=_patterns(payload.get("publish"), "publish"),
             presence=payload.get("presence") is True,
         )
-
-
-def seconds_left(claims: Claims) -> float | None:
-    """Seconds until *claims* expire (may be negative), or None if they never do."""
-    return None if claims.exp is None else claims.exp - time.time()

@@ -2,15 +2,15 @@
 
 With TLS configured, both ports speak it (``wss://`` and ``https://`` on the
 HTTP port, TLS on the NDJSON port); accepted sockets go through
-:class:`~trioserve.transport.TlsTransport`. Plain-text listeners keep the
-zero-copy :class:`~trioserve.transport.SocketTransport`.
+:class:`~trioserve.net.transport.TlsTransport`. Plain-text listeners keep the
+zero-copy :class:`~trioserve.net.transport.SocketTransport`.
 """
 
 from __future__ import annotations
 
 import ssl
 
-from .config import Config, ConfigError
+from ..config import Config, ConfigError
 
 __all__ = ["server_context"]
 

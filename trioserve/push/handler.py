@@ -1,38 +1,79 @@
 """The push protocol handler: client commands mapped onto the hub.
 
 It is the default handler for both transports; applications can replace it
-with their own (see ``Server(ws_handler=..., tcp_handler=...)``).
+with their own (see ``Server(ws_handler=..., tcp_handler=...)``). It sees a
+connection as a :class:`Client` and the server as a :class:`PushContext`:
+what it needs of each, and nothing of sockets.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, Protocol, cast
 
 import orjson
 
-from .auth import AuthError, Claims
-from .brokers import BrokerUnavailable
-from .hub import HubClosed, HubOverloaded
-from .protocol.codes import CloseCode, ErrorCode
-from .protocol.messages import (
+from ..protocol.claims import AuthError, Claims
+from ..protocol.codes import CloseCode, ErrorCode
+from ..protocol.messages import (
     Command,
     ProtocolError,
     encode_error,
     encode_reply,
     parse_command,
 )
+from .brokers import BrokerUnavailable
+from .hub import Subscriber
+from .service import HubContext, PublishRefused, publish
 
-if TYPE_CHECKING:
-    from .connection import Connection
-    from .server import Server
+__all__ = ["MAX_RECOVERY_BYTES", "Client", "PushContext", "client_info", "leave_all", "push_handler"]
 
-__all__ = ["MAX_RECOVERY_BYTES", "client_info", "leave_all", "push_handler"]
+
+class Client(Subscriber, Protocol):
+    """What the push protocol needs of a connection (a :class:`trioserve.Connection`)."""
+
+    @property
+    def id(self) -> int: ...
+
+    @property
+    def transport_name(self) -> str: ...
+
+    @property
+    def claims(self) -> Claims | None: ...
+
+    def set_claims(self, claims: Claims) -> None: ...
+
+    def check_rate(self) -> bool: ...
+
+    def send_encoded(self, payload: bytes) -> bool: ...
+
+    async def receive(self) -> str | bytes: ...
+
+
+class TokenVerifier(Protocol):
+    def verify(self, token: str, now: float | None = None) -> Claims: ...
+
+
+class PushContext(HubContext, Protocol):
+    """What the push protocol needs of the server (a :class:`trioserve.Server`)."""
+
+    @property
+    def authenticator(self) -> TokenVerifier | None: ...
+
+    @property
+    def ops(self) -> Mapping[str, Callable[[Any, Command], Awaitable[dict[str, Any] | None]]]: ...
+
+    @property
+    def op_names(self) -> frozenset[str]: ...
+
+    @property
+    def on_subscribe(self) -> Callable[[Any, str], None] | None: ...
 
 #: Publications one recovering subscribe reply may carry, in bytes.
 MAX_RECOVERY_BYTES = 1024 * 1024 - 4096
 
 
-async def push_handler(conn: Connection, server: Server) -> None:
+async def push_handler(conn: Client, server: PushContext) -> None:
     """Serve the push protocol on *conn* until it closes (ConnectionClosed)."""
     while True:
         # No locals survive into the wait for the next message: an idle
@@ -42,7 +83,7 @@ async def push_handler(conn: Connection, server: Server) -> None:
         await _handle(conn, server, await conn.receive())
 
 
-async def _handle(conn: Connection, server: Server, message: str | bytes) -> None:
+async def _handle(conn: Client, server: PushContext, message: str | bytes) -> None:
     # Counted before parsing, so malformed messages count too.
     allowed = conn.check_rate()
     try:
@@ -60,23 +101,23 @@ async def _handle(conn: Connection, server: Server, message: str | bytes) -> Non
     conn.send_encoded(reply)
 
 
-def _rate_message(server: Server) -> str:
+def _rate_message(server: PushContext) -> str:
     cfg = server.config
     return (f"over {cfg.rate_limit:g} messages/s (bursts of {cfg.rate_burst}); slow down, "
             "or the server closes the connection (4029)")
 
 
-def client_info(conn: Connection) -> dict[str, Any]:
+def client_info(conn: Client) -> dict[str, Any]:
     """How *conn* appears in presence lists and join/leave events."""
     sub = conn.claims.sub if conn.claims is not None else "anonymous"
     return {"client": sub, "conn": f"c{conn.id}", "transport": conn.transport_name}
 
 
-def _presence_event(op: str, topic: str, conn: Connection) -> bytes:
+def _presence_event(op: str, topic: str, conn: Client) -> bytes:
     return orjson.dumps({"op": op, "topic": topic, "client": client_info(conn)})
 
 
-def leave_all(server: Server, conn: Connection, topics: frozenset[str]) -> None:
+def leave_all(server: PushContext, conn: Client, topics: frozenset[str]) -> None:
     """Tell the rest of each topic with presence events that *conn* has left."""
     for topic in topics:
         if server.config.presence_events_for(topic):
@@ -87,7 +128,7 @@ def _forbidden(cmd: Command, what: str) -> ProtocolError:
     return ProtocolError(ErrorCode.FORBIDDEN, what, cmd.id)
 
 
-async def _dispatch(conn: Connection, server: Server, cmd: Command) -> bytes:
+async def _dispatch(conn: Client, server: PushContext, cmd: Command) -> bytes:
     hub = server.hub
     op = cmd.op
     claims = conn.claims
@@ -106,23 +147,17 @@ async def _dispatch(conn: Connection, server: Server, cmd: Command) -> bytes:
             raise _forbidden(cmd, "client publish is disabled on this server (--client-publish)"
                              if claims.anonymous else f"the token does not allow publishing to {cmd.topic}")
         try:
-            if hub.broker.synchronous:
-                try:
-                    # No checkpoint on the common path: a burst read in one chunk
-                    # lands in the hub together and goes out as one batch.
-                    result = hub.publish_nowait(cmd.topic, cmd.fields["data"])
-                except HubOverloaded:
-                    result = await hub.publish(cmd.topic, cmd.fields["data"])
-            else:
-                result = await hub.publish(cmd.topic, cmd.fields["data"])
-        except (HubClosed, BrokerUnavailable) as exc:
-            raise ProtocolError(ErrorCode.UNAVAILABLE, str(exc), cmd.id) from None
+            result = await publish(hub, cmd.topic, cmd.fields["data"], wait=True)
+        except PublishRefused as exc:
+            raise ProtocolError(exc.code, exc.message, cmd.id) from None
         return encode_reply(cmd.id, offset=result.offset, subscribers=result.subscribers)
     if op == "presence":
         assert claims is not None
         if not claims.presence:
             raise _forbidden(cmd, "the token does not allow presence")
-        clients = [client_info(c) for c in hub.subscribers(cmd.topic)]
+        # Every subscriber is a Client: connections subscribe through this handler
+        # or through hub.subscribe(conn, ...) from a server's own handler.
+        clients = [client_info(cast(Client, c)) for c in hub.subscribers(cmd.topic)]
         return encode_reply(cmd.id, topic=cmd.topic, clients=clients)
     if op in ("connect", "refresh"):
         return _authenticate(conn, server, cmd)
@@ -133,13 +168,13 @@ async def _dispatch(conn: Connection, server: Server, cmd: Command) -> bytes:
     return encode_reply(cmd.id, op="pong")
 
 
-async def _subscribe(conn: Connection, server: Server, cmd: Command, claims: Claims) -> bytes:
+async def _subscribe(conn: Client, server: PushContext, cmd: Command, claims: Claims) -> bytes:
     hub = server.hub
     topic = cmd.topic
     if not claims.may_subscribe(topic):
         raise _forbidden(cmd, f"the token does not allow subscribing to {topic}")
     limit = server.config.max_subscriptions
-    if limit and hub.subscription_count(conn) >= limit and not hub.is_subscribed(conn, topic):
+    if limit and hub.topic_count(conn) >= limit and not hub.is_subscribed(conn, topic):
         raise ProtocolError(ErrorCode.TOO_MANY_SUBSCRIPTIONS,
                             f"at most {limit} subscriptions per connection (max_subscriptions); "
                             "unsubscribe from one first", cmd.id)
@@ -183,7 +218,7 @@ async def _subscribe(conn: Connection, server: Server, cmd: Command, claims: Cla
     return encode_reply(cmd.id, topic=topic, **fields)
 
 
-def _authenticate(conn: Connection, server: Server, cmd: Command) -> bytes:
+def _authenticate(conn: Client, server: PushContext, cmd: Command) -> bytes:
     authenticator = server.authenticator
     if authenticator is None:
         raise ProtocolError(ErrorCode.BAD_REQUEST, "this server does not use tokens", cmd.id)

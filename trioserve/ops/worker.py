@@ -1,6 +1,6 @@
 """One worker process of ``trioserve serve --workers N``.
 
-The supervisor (:mod:`trioserve.workers`) starts each worker as
+The supervisor (:mod:`trioserve.ops.supervisor`) starts each worker as
 ``python -m trioserve _worker --runtime-dir DIR --worker-id I --ready-fd FD``:
 
 - **Config**: ``DIR/config.json`` holds the supervisor's effective config (file,
@@ -32,11 +32,11 @@ import attrs
 import orjson
 import trio
 
-from . import metrics
-from .config import Config, load_config
-from .configfile import OPTIONS
-from .http import Request, Response, RouteHandler, json_response, push_routes
-from .server import Server
+from ..config import Config, load_config
+from ..config.sources import OPTIONS
+from ..net.httpd import Request, Response, RouteHandler, json_response
+from ..server import metrics
+from ..server.server import Server, server_routes
 
 __all__ = ["CONFIG_FILE", "Worker", "control_path", "read_worker_config", "write_worker_config"]
 
@@ -91,7 +91,7 @@ class Worker:
         self.server = Server(config)
         # This worker's own answers, whatever the single-process server bases them on;
         # the routes below add the other workers' to them.
-        defaults = push_routes(self.server)
+        defaults = server_routes(self.server)
         self._local_readyz = defaults[("GET", "/readyz")]
         self._local_healthz = defaults[("GET", "/healthz")]
         routes: dict[str, RouteHandler] = {

@@ -20,8 +20,9 @@ import click
 import trio
 from click.core import ParameterSource
 
-from . import __version__
-from .config import (
+from .._version import __version__
+from ..bench.cli import bench
+from ..config import (
     HMAC_ALGORITHMS,
     LOG_FORMATS,
     LOG_LEVELS,
@@ -31,8 +32,9 @@ from .config import (
     check_topic_pattern,
     load_config,
 )
-from .configfile import CONFIG_ENV, ENV_PREFIX, render_config
-from .server import Server
+from ..config.sources import CONFIG_ENV, ENV_PREFIX, render_config
+from ..server import Server
+from .doctor import doctor
 
 log = logging.getLogger("trioserve.cli")
 
@@ -266,7 +268,7 @@ def serve(ctx: click.Context, /, config_path: str | None, **options: Any) -> Non
     _warn_about(config)
     ssl_context = None
     if config.certfile is not None:
-        from .tls import server_context
+        from ..net.tls import server_context
 
         try:
             # Loaded here too with --workers, so a bad certificate stops the
@@ -275,7 +277,7 @@ def serve(ctx: click.Context, /, config_path: str | None, **options: Any) -> Non
         except ConfigError as exc:
             raise ConfigProblem(str(exc)) from None
     if config.workers > 1:
-        from .workers import Supervisor
+        from .supervisor import Supervisor
 
         try:
             sys.exit(trio.run(Supervisor(config).run))
@@ -295,7 +297,7 @@ def serve(ctx: click.Context, /, config_path: str | None, **options: Any) -> Non
 @click.option("--worker-id", required=True, type=click.IntRange(1))
 @click.option("--ready-fd", type=int, default=None)
 def worker(runtime_dir: str, worker_id: int, ready_fd: int | None) -> None:
-    """One worker of `serve --workers N`, started by its supervisor (trioserve/workers.py)."""
+    """One worker of `serve --workers N`, started by its supervisor (trioserve/ops/supervisor.py)."""
     from .worker import Worker, read_worker_config
 
     try:
@@ -406,8 +408,8 @@ def _signing_algorithm(config: Config) -> str:
                         "algorithm, so the server would refuse a token signed with token_secret")
 
 
-from . import doctor as _doctor  # noqa: E402, F401  (registers `trioserve doctor`)
-from .bench import cli as _bench_cli  # noqa: E402, F401  (registers `trioserve bench`)
+main.add_command(doctor)
+main.add_command(bench)
 
 if __name__ == "__main__":
     main()

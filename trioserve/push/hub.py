@@ -19,7 +19,8 @@ import bisect
 import itertools
 import logging
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any, Protocol
 
 import attrs
 import trio
@@ -28,10 +29,8 @@ from .brokers import Broker
 from .brokers.memory import MemoryBroker
 from .history import History, Recovery
 
-if TYPE_CHECKING:
-    from .connection import Connection, Framing
-
-__all__ = ["Hub", "HubClosed", "HubOverloaded", "HubStatistics", "PublishResult", "Recovery"]
+__all__ = ["Framing", "Hub", "HubClosed", "HubOverloaded", "HubStatistics", "PublishResult", "Recovery",
+           "Subscriber"]
 
 log = logging.getLogger("trioserve.hub")
 
@@ -44,6 +43,24 @@ DEFAULT_HISTORY_TTL = 300.0
 #: Upper bounds (seconds) of the fan-out latency histogram.
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
                    0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+class Framing(Hashable, Protocol):
+    """How one transport frames payloads; the hub frames each batch once per framing."""
+
+    @property
+    def frame_batch(self) -> Callable[[Sequence[bytes]], bytes]: ...
+
+
+class Subscriber(Hashable, Protocol):
+    """What the hub needs of a subscribed connection (a :class:`trioserve.Connection`)."""
+
+    @property
+    def framing(self) -> Framing: ...
+
+    def send_prepared(self, data: bytes, count: int = 1) -> bool: ...
+
+    def start_close(self, code: int = ..., reason: str | None = None) -> None: ...
 
 
 class HubClosed(Exception):
@@ -88,11 +105,11 @@ class Hub:
         self.history = history or History(lambda topic: (DEFAULT_HISTORY_SIZE, DEFAULT_HISTORY_TTL))
         self.broker: Broker = broker or MemoryBroker()
         self.broker.attach(self)
-        self._topics: dict[str, dict[Framing, set[Connection]]] = {}
+        self._topics: dict[str, dict[Framing, set[Subscriber]]] = {}
         # Kept on the hub side so an idle, unsubscribed connection carries nothing.
         # Most connections have one topic: that is stored as the str itself,
         # since an empty set alone costs 216 bytes per connection.
-        self._by_conn: dict[Connection, str | set[str]] = {}
+        self._by_conn: dict[Subscriber, str | set[str]] = {}
         self._inbox: deque[tuple[str, int, bytes, float]] = deque()
         self._wake = trio.lowlevel.ParkingLot()
         self._space = trio.lowlevel.ParkingLot()
@@ -109,7 +126,7 @@ class Hub:
 
     # --- subscriptions -----------------------------------------------------------
 
-    def subscribe(self, conn: Connection, topic: str) -> bool:
+    def subscribe(self, conn: Subscriber, topic: str) -> bool:
         """Add *conn* to *topic*; False if it was subscribed already."""
         held = self._by_conn.get(conn)
         if held is None:
@@ -126,7 +143,7 @@ class Hub:
         self._subscriptions += 1
         return True
 
-    def unsubscribe(self, conn: Connection, topic: str) -> bool:
+    def unsubscribe(self, conn: Subscriber, topic: str) -> bool:
         """Remove *conn* from *topic*; False if it was not subscribed."""
         held = self._by_conn.get(conn)
         if held is None or (held != topic if isinstance(held, str) else topic not in held):
@@ -138,13 +155,13 @@ class Hub:
         self._remove(conn, topic)
         return True
 
-    def unsubscribe_all(self, conn: Connection) -> None:
+    def unsubscribe_all(self, conn: Subscriber) -> None:
         """Drop every subscription of *conn* (called when it disconnects)."""
         held = self._by_conn.pop(conn, None)
         for topic in (held,) if isinstance(held, str) else held or ():
             self._remove(conn, topic)
 
-    def _remove(self, conn: Connection, topic: str) -> None:
+    def _remove(self, conn: Subscriber, topic: str) -> None:
         by_framing = self._topics[topic]
         subs = by_framing[conn.framing]
         subs.discard(conn)
@@ -159,22 +176,18 @@ class Hub:
         """The topics that have subscribers on this process."""
         return list(self._topics)
 
-    def subscription_count(self, conn: Connection) -> int:
+    def topic_count(self, conn: Subscriber) -> int:
         """How many topics *conn* is subscribed to (cheaper than ``len(topics_of(conn))``)."""
         held = self._by_conn.get(conn)
         return 0 if held is None else 1 if isinstance(held, str) else len(held)
 
-    def is_subscribed(self, conn: Connection, topic: str) -> bool:
+    def is_subscribed(self, conn: Subscriber, topic: str) -> bool:
         held = self._by_conn.get(conn)
         return held is not None and (held == topic if isinstance(held, str) else topic in held)
 
-    def topics_of(self, conn: Connection) -> frozenset[str]:
+    def topics_of(self, conn: Subscriber) -> frozenset[str]:
         held = self._by_conn.get(conn)
         return frozenset((held,) if isinstance(held, str) else held or ())
-
-    def offset(self, topic: str) -> int:
-        """The offset of the last publication to *topic* this process knows of."""
-        return max(self.broker.offset(topic), self.position(topic))
 
     def position(self, topic: str) -> int:
         """The offset of the last publication to *topic* already fanned out.
@@ -182,11 +195,6 @@ class Hub:
         A subscriber added now receives every publication after this one live.
         """
         return self.history.position(topic)
-
-    @property
-    def epoch(self) -> str:
-        """The epoch of topics under the memory broker (one per process)."""
-        return self.broker.epoch("")
 
     def epoch_of(self, topic: str) -> str:
         return self.broker.epoch(topic)
@@ -216,7 +224,7 @@ class Hub:
             entries, upto = fetched
             publications = [payload for off, payload in entries if off <= position]
             start = max(offset, min(upto, position))
-        complete, local = self.history.since(topic, start, trio.current_time())
+        local, complete = self.history.since(topic, start, trio.current_time())
         if not complete:
             return Recovery(False, current, position, ())
         publications.extend(local)
@@ -238,11 +246,11 @@ class Hub:
         whether history still reaches back to ``offset + 1``."""
         return self.history.after(topic, offset, trio.current_time(), limit)
 
-    def subscribers(self, topic: str) -> list[Connection]:
+    def subscribers(self, topic: str) -> list[Subscriber]:
         """The connections subscribed to *topic*, on every transport."""
         return [conn for subs in self._topics.get(topic, {}).values() for conn in subs]
 
-    def send_event(self, topic: str, payload: bytes, exclude: Connection | None = None) -> None:
+    def send_event(self, topic: str, payload: bytes, exclude: Subscriber | None = None) -> None:
         """Send a JSON *payload* that is not a publication (no offset, no history),
         such as a presence event, to the subscribers of *topic* now."""
         for framing, subs in self._topics.get(topic, {}).items():
@@ -250,6 +258,23 @@ class Hub:
             for conn in subs:
                 if conn is not exclude:
                     conn.send_prepared(data)
+
+    def close_subscribers(self, topic: str, code: int, reason: str) -> int:
+        """Start closing every subscriber of *topic* (a broker that lost publications
+        makes them reconnect and recover); returns how many."""
+        subs = self.subscribers(topic)
+        for conn in subs:
+            conn.start_close(code, reason)
+        return len(subs)
+
+    def reset_history(self, topic: str, position: int) -> None:
+        """Forget *topic*'s held publications and go on from *position* (a broker
+        joined the topic, or found a gap)."""
+        self.history.reset(topic, position)
+
+    def forget_history(self, topic: str) -> None:
+        """Drop *topic*'s history and position (a broker left the topic)."""
+        self.history.forget(topic)
 
     def subscriber_count(self, topic: str) -> int:
         return sum(len(s) for s in self._topics.get(topic, {}).values())
@@ -275,7 +300,7 @@ class Hub:
         """Publish, waiting while the inbox is full (backpressure, like a Go channel send).
 
         Raises :class:`HubClosed` when draining and
-        :class:`~trioserve.brokers.BrokerUnavailable` when the broker is down.
+        :class:`~trioserve.push.brokers.BrokerUnavailable` when the broker is down.
         """
         await trio.lowlevel.checkpoint_if_cancelled()
         if not self.broker.synchronous:
@@ -370,7 +395,7 @@ class Hub:
             counts[bisect.bisect_left(LATENCY_BUCKETS, latency)] += 1
             self._latency_sum += latency
 
-    def _deliver(self, by_framing: dict[Framing, set[Connection]], payloads: list[bytes]) -> None:
+    def _deliver(self, by_framing: dict[Framing, set[Subscriber]], payloads: list[bytes]) -> None:
         count = len(payloads)
         for framing, subs in by_framing.items():
             data = framing.frame_batch(payloads)

@@ -10,8 +10,7 @@ Status: ``ok``; ``warn`` (the connections fit, but bursts or fan-out may
 suffer); ``fail`` (the target cannot be met: exit status 1); ``unknown``
 (not readable here).
 
-Registered on ``trioserve.cli.main`` by one import at the end of
-``trioserve/cli.py``.
+:mod:`trioserve.ops.cli` adds the command to ``trioserve``.
 """
 
 from __future__ import annotations
@@ -23,8 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import click
-
-from .cli import main
 
 #: Server RSS per idle WebSocket connection (subscribed to one topic), in KB:
 #: 7.5-7.9 measured by benchmarks/fanout.py at 5,000-15,000 connections and 7.8
@@ -44,7 +41,7 @@ KERNEL_KB_SOURCE = ("kernel slab per idle TCP socket (socket, inode, file, dentr
 #: 5,000 connections on the project machine (docs/bench.md).
 CLIENT_KB_PER_CONN = 3.1
 CLIENT_KB_SOURCE = "trioserve bench load-client RSS per connection (`trioserve bench idle`, docs/bench.md)"
-#: Descriptors a server process keeps for itself (trioserve.listeners.FD_RESERVE).
+#: Descriptors a server process keeps for itself (trioserve.net.listeners.FD_RESERVE).
 FD_RESERVE = 64
 #: trioserve's listen() backlog (Config.backlog); the kernel caps it at somaxconn.
 BACKLOG = 4096
@@ -312,7 +309,7 @@ def render(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-@main.command()
+@click.command()
 @click.option("--connections", "-n", type=click.IntRange(1), default=10_000, show_default=True,
               help="The target: connections the host should hold.")
 @click.option("--processes", type=click.IntRange(1), default=1, show_default=True,

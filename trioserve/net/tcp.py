@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import trio
 
-from .config import Config
-from .connection import _FAILED, Connection, ConnectionState, Framing, QueueTotal
+from ..config import Config
+from ..protocol import ndjson
+from ..protocol.codes import CloseCode
+from .connection import Connection
 from .heartbeat import Heartbeats
-from .protocol import ndjson
-from .protocol.codes import CloseCode
+from .outbound import CLOSE_FAILED, ConnectionState, Framing, QueueTotal
 from .transport import Transport
 
 __all__ = ["NDJSON", "TcpConnection"]
@@ -52,7 +53,7 @@ class TcpConnection(Connection):
         self._transport.shutdown_write()
 
     def _feed(self, data: bytes) -> None:
-        if self._close_mode is _FAILED:
+        if self._close_mode is CLOSE_FAILED:
             return
         too_long = False
         try:

@@ -1,0 +1,87 @@
+"""The HTTP API of the push domain: ``POST /api/publish`` and ``GET /api/history``."""
+
+from __future__ import annotations
+
+import hmac
+
+import orjson
+
+from ..net.httpd import Request, Response, RouteHandler, json_error, json_response
+from ..protocol.codes import ErrorCode
+from ..protocol.messages import ProtocolError, validate_topic
+from .brokers import BrokerUnavailable
+from .service import HubContext, PublishRefused, publish
+
+__all__ = ["api_routes"]
+
+
+def api_routes(ctx: HubContext) -> dict[tuple[str, str], RouteHandler]:
+    def refused(req: Request) -> Response | None:
+        """A 401 unless the request carries the API key (when one is configured)."""
+        key = ctx.config.api_key
+        if key is None:
+            return None
+        given = req.header(b"authorization") or b""
+        if hmac.compare_digest(given, b"Bearer " + key.encode()):
+            return None
+        ctx.count_auth_failure()
+        return json_error(401, ErrorCode.UNAUTHORIZED,
+                          "missing or wrong API key (Authorization: Bearer <key>)",
+                          [(b"www-authenticate", b"Bearer")])
+
+    async def publish_route(req: Request) -> Response:
+        if (denied := refused(req)) is not None:
+            return denied
+        try:
+            body = orjson.loads(req.body)
+        except orjson.JSONDecodeError as exc:
+            return json_error(400, ErrorCode.BAD_REQUEST, f"invalid JSON: {exc}")
+        if not isinstance(body, dict) or "data" not in body:
+            return json_error(400, ErrorCode.BAD_REQUEST,
+                              'body must be {"topic": "...", "data": <any JSON>}')
+        try:
+            topic = validate_topic(body.get("topic"))
+        except ProtocolError as exc:
+            return json_error(400, exc.code, exc.message)
+        try:
+            result = await publish(ctx.hub, topic, body["data"], wait=False)
+        except PublishRefused as exc:
+            retry = [] if exc.retry_after is None else [(b"retry-after", str(exc.retry_after).encode())]
+            return json_error(503, exc.code, exc.message, retry)
+        return json_response(200, {"ok": True, "offset": result.offset,
+                                   "subscribers": result.subscribers})
+
+    async def history(req: Request) -> Response:
+        """``GET /api/history?topic=t&since=41&limit=100``: what followed offset 41.
+
+        ``complete`` is false when history no longer reaches back to ``since``
+        (the publications returned then start later than ``since + 1``).
+        """
+        if (denied := refused(req)) is not None:
+            return denied
+        try:
+            topic = validate_topic(req.query.get("topic", [None])[0])
+            since = int(req.query.get("since", ["0"])[0])
+            limit = int(req.query.get("limit", ["100"])[0])
+            if since < 0 or not 1 <= limit <= 1000:
+                raise ValueError
+        except ProtocolError as exc:
+            return json_error(400, exc.code, exc.message)
+        except ValueError:
+            return json_error(400, ErrorCode.BAD_REQUEST,
+                              "since must be an integer >= 0 and limit 1-1000")
+        hub = ctx.hub
+        try:
+            publications, complete = await hub.history_page(topic, since, limit)
+            epoch, offset = await hub.broker.head(topic)
+        except BrokerUnavailable as exc:
+            return json_error(503, ErrorCode.UNAVAILABLE, f"broker unavailable: {exc}")
+        return json_response(200, {
+            "ok": True, "topic": topic, "epoch": epoch, "offset": offset,
+            "complete": complete, "publications": [orjson.Fragment(p) for p in publications],
+        })
+
+    return {
+        ("POST", "/api/publish"): publish_route,
+        ("GET", "/api/history"): history,
+    }

@@ -1,0 +1,65 @@
+"""Publishing for the protocol handlers: one place that picks the hub's
+synchronous or asynchronous path and names its errors.
+
+A client ``publish`` and ``POST /api/publish`` both come here. With a
+synchronous broker (memory) the common path has no checkpoint, so a burst read
+in one chunk lands in the hub together and goes out as one fan-out batch.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from ..config import Config
+from ..protocol.codes import ErrorCode
+from .brokers import BrokerUnavailable
+from .hub import Hub, HubClosed, HubOverloaded, PublishResult
+
+__all__ = ["HubContext", "PublishRefused", "publish"]
+
+
+class HubContext(Protocol):
+    """What every protocol handler needs of the server (a :class:`trioserve.Server`)."""
+
+    @property
+    def config(self) -> Config: ...
+
+    @property
+    def hub(self) -> Hub: ...
+
+    def count_auth_failure(self) -> None:
+        """Count a refused token or API key (the auth-failures metric)."""
+
+
+class PublishRefused(Exception):
+    """The hub did not take the publication; ``code`` and ``message`` say why."""
+
+    def __init__(self, code: ErrorCode, message: str, retry_after: int | None = None):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        #: Seconds after which a retry may succeed (for HTTP's ``Retry-After``).
+        self.retry_after = retry_after
+
+
+async def publish(hub: Hub, topic: str, data: Any, *, wait: bool) -> PublishResult:
+    """Publish *data* to *topic*.
+
+    *wait*: when the hub's inbox is full, wait for space (backpressure on a
+    client connection) rather than refuse (the HTTP API answers 503 at once).
+    Raises :class:`PublishRefused`.
+    """
+    try:
+        if hub.broker.synchronous:
+            try:
+                return hub.publish_nowait(topic, data)
+            except HubOverloaded:
+                if not wait:
+                    raise
+        return await hub.publish(topic, data)
+    except HubClosed:
+        raise PublishRefused(ErrorCode.UNAVAILABLE, "server is draining") from None
+    except BrokerUnavailable as exc:
+        raise PublishRefused(ErrorCode.UNAVAILABLE, f"broker unavailable: {exc}", 1) from None
+    except HubOverloaded as exc:
+        raise PublishRefused(ErrorCode.UNAVAILABLE, f"overloaded: {exc}", 1) from None

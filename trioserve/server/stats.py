@@ -1,0 +1,29 @@
+"""A server's counters, as :meth:`trioserve.Server.statistics` returns them."""
+
+from __future__ import annotations
+
+import attrs
+
+from ..push.hub import HubStatistics
+
+__all__ = ["ServerStatistics"]
+
+
+@attrs.frozen
+class ServerStatistics:
+    connections: int
+    websocket_connections: int
+    tcp_connections: int
+    max_connections: int
+    #: Connections refused: over max_connections, over the fd budget, or draining.
+    rejected_connections: int
+    #: Connections accepted since start, by transport ("websocket", "tcp").
+    connects_total: dict[str, int]
+    #: Closed connections since start, by close code (4008: slow consumer, 4002: heartbeat...).
+    disconnects_total: dict[int, int]
+    #: Refused upgrades and closes for a missing, invalid or expired token.
+    auth_failures: int
+    draining: bool
+    hub: HubStatistics
+    #: Which worker of ``serve --workers N`` this is (None for a single process).
+    worker_id: int | None = None
