@@ -27,6 +27,8 @@ __all__ = ["HttpSite", "Request", "Response", "RouteHandler", "Router", "Upgrade
            "json_response", "serve_http"]
 
 log = logging.getLogger("trioserve.http")
+# A failing route is logged under the server's name, which operators' log filters know.
+_route_log = logging.getLogger("trioserve.server")
 
 #: Largest request head (request line + headers) we buffer.
 MAX_HEAD = 16 * 1024
@@ -103,7 +105,7 @@ class Router:
         try:
             return await handler(req)
         except Exception:
-            log.exception("route %s %s failed", req.method, req.path)
+            _route_log.exception("route %s %s failed", req.method, req.path)
             return json_error(500, ErrorCode.INTERNAL, "internal error")
 
 
