@@ -26,7 +26,7 @@ import jwt
 import trio
 
 from ..conftest import RunningServer, ServerFactory
-from ..system.helpers import (
+from ..peers import (
     OP_CLOSE,
     OP_PING,
     OP_PONG,
@@ -38,8 +38,8 @@ from ..system.helpers import (
     http_publish,
     http_request,
     open_socket,
-    wait_until,
 )
+from ..system.helpers import wait_until
 
 SECRET = "hardening-secret-0123456789-0123456789-abcdef"
 BYSTANDER_TOPIC = "bystander"

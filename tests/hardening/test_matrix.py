@@ -26,7 +26,7 @@ import trio
 from trioserve import Config, ConnectionState
 
 from ..conftest import ServerFactory
-from ..system.helpers import (
+from ..peers import (
     HOST,
     OP_BINARY,
     OP_CLOSE,
@@ -40,8 +40,8 @@ from ..system.helpers import (
     http_publish,
     open_socket,
     upgrade_head,
-    wait_until,
 )
+from ..system.helpers import wait_until
 from .harness import (
     LIMIT,
     SECRET,
