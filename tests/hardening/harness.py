@@ -26,20 +26,21 @@ import jwt
 import trio
 
 from ..conftest import RunningServer, ServerFactory
-from ..system.helpers import (
+from ..peers import (
     OP_CLOSE,
     OP_PING,
     OP_PONG,
     OP_TEXT,
-    ByteReader,
     EndOfStream,
     Frame,
+    HttpResponse,
     RawWebSocket,
     http_publish,
     http_request,
     open_socket,
-    wait_until,
+    parse_head,
 )
+from ..system.helpers import wait_until
 
 SECRET = "hardening-secret-0123456789-0123456789-abcdef"
 BYSTANDER_TOPIC = "bystander"
@@ -104,57 +105,44 @@ def rsa_keys() -> RsaKeys:
 # --- raw HTTP -----------------------------------------------------------------------------
 
 
-@attrs.frozen
-class Resp:
-    status: int
-    headers: dict[str, str]
-    body: bytes
-
-    def json(self) -> Any:
-        return json.loads(self.body)
-
-    def describe(self) -> str:
-        try:
-            err = self.json().get("error") if self.status >= 400 else None
-        except ValueError:
-            err = None
-        if isinstance(err, dict):
-            return f"HTTP {self.status} {err.get('code')}: {err.get('message')!r}"
-        return f"HTTP {self.status} {self.body[:60]!r}" if self.body else f"HTTP {self.status}"
+def describe_response(resp: HttpResponse) -> str:
+    """The status, and the error code and message if the body has them: for the matrix table."""
+    try:
+        err = resp.json().get("error") if resp.status >= 400 else None
+    except ValueError:
+        err = None
+    if isinstance(err, dict):
+        return f"HTTP {resp.status} {err.get('code')}: {err.get('message')!r}"
+    return f"HTTP {resp.status} {resp.body[:60]!r}" if resp.body else f"HTTP {resp.status}"
 
 
-def parse_responses(data: bytes, to_head: bool = False) -> tuple[list[Resp], bytes]:
+def parse_responses(data: bytes, to_head: bool = False) -> tuple[list[HttpResponse], bytes]:
     """Complete HTTP responses at the start of *data*, and what is left over.
 
     *to_head*: they answer HEAD requests, so they have no body whatever their Content-Length.
     """
-    out: list[Resp] = []
+    out: list[HttpResponse] = []
     while True:
         head, sep, rest = data.partition(b"\r\n\r\n")
         if not sep:
             return out, data
-        lines = head.decode("latin-1").split("\r\n")
-        status = int(lines[0].split(" ")[1])
-        headers = {}
-        for line in lines[1:]:
-            name, _, value = line.partition(":")
-            headers[name.strip().lower()] = value.strip()
+        status, reason, headers = parse_head(head)
         length = 0 if status < 200 or to_head else int(headers.get("content-length", "0"))
         if len(rest) < length:
             return out, data
-        out.append(Resp(status, headers, rest[:length]))
+        out.append(HttpResponse(status, reason, headers, rest[:length]))
         data = rest[length:]
 
 
 @attrs.frozen
 class Exchange:
-    responses: list[Resp]
+    responses: list[HttpResponse]
     #: The server closed the connection (EOF or reset) before the read ended.
     closed: bool
     leftover: bytes
 
     def describe(self) -> str:
-        parts = [r.describe() for r in self.responses] or ["no response"]
+        parts = [describe_response(r) for r in self.responses] or ["no response"]
         parts.append("then closed" if self.closed else "connection left open")
         return "; ".join(parts)
 
@@ -200,45 +188,15 @@ async def exchange(port: int, data: bytes, *, want: int = 1, wait: float = 5.0,
 # --- WebSocket ------------------------------------------------------------------------------
 
 
-async def read_close(ws: RawWebSocket) -> tuple[int | None, str, list[Any]]:
-    """Frames until the server's close: (code, reason, text messages before it).
-
-    Pings are answered; the server then gets our close in reply and the socket is closed.
-    """
-    texts: list[Any] = []
-    while True:
-        frame = await ws.recv_frame()
-        if frame.opcode == OP_PING:
-            await ws.send_frame(OP_PONG, frame.payload)
-        elif frame.opcode == OP_TEXT:
-            texts.append(frame.json())
-        elif frame.opcode == OP_CLOSE:
-            await finish_close(ws, frame)
-            return frame.close_code, frame.close_reason, texts
-
-
-async def finish_close(ws: RawWebSocket, frame: Frame) -> None:
-    """Answer the server's close frame and close our socket, as a client library would."""
-    try:
-        await ws.send_frame(OP_CLOSE, frame.payload[:2])
-    except (trio.BrokenResourceError, trio.ClosedResourceError):
-        pass
-    await ws.aclose()
-
-
-async def request(ws: RawWebSocket, obj: dict[str, Any]) -> Any:
-    await ws.send_json(obj)
-    return await ws.recv_json()
-
-
 def describe_error(reply: Any) -> str:
     if isinstance(reply, dict) and reply.get("ok") is False:
         return f"error {reply['error']['code']}: {reply['error']['message']!r}"
     return f"reply {json.dumps(reply)[:100]}"
 
 
-def reset_socket(stream: trio.SocketStream) -> None:
+def reset_socket(stream: trio.abc.Stream) -> None:
     """Close with SO_LINGER 0: the kernel sends RST instead of FIN (a client that vanished)."""
+    assert isinstance(stream, trio.SocketStream), stream
     stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     stream.socket.close()
 
@@ -338,9 +296,9 @@ class Ctx:
         server = self.rs.server
 
         def settled() -> bool:
-            # _sockets also counts sockets still in HTTP (never upgraded): a
-            # slowloris or a refused request must not linger either.
-            return len(server.connections) == 1 and getattr(server, "_sockets", 1) == 1
+            # The socket count includes sockets still in HTTP (never upgraded):
+            # a slowloris or a refused request must not linger either.
+            return len(server.connections) == 1 and server._admission.sockets == 1
 
         await wait_until(settled, timeout, what="the server to drop the case's connections and sockets")
 
@@ -351,7 +309,7 @@ class Ctx:
         health = await http_request(port, "GET", "/healthz")
         assert health.status == 200, health
         fresh = await self.connect()
-        reply = await request(fresh, {"op": "ping", "id": "fresh"})
+        reply = await fresh.request({"op": "ping", "id": "fresh"})
         assert reply == {"id": "fresh", "ok": True, "op": "pong"}, reply
         await fresh.send_close(1000)
         while (await fresh.recv_frame()).opcode != OP_CLOSE:
@@ -381,7 +339,7 @@ async def case_context(start_server: ServerFactory, row: dict[str, str],
     rs = await start_server(**config)
     ws = await RawWebSocket.connect(rs.port, _path_for(config, private_key))
     async with ws.stream:
-        reply = await request(ws, {"op": "subscribe", "topic": BYSTANDER_TOPIC, "id": "b"})
+        reply = await ws.request({"op": "subscribe", "topic": BYSTANDER_TOPIC, "id": "b"})
         assert reply["ok"] is True, reply
         async with trio.open_nursery() as nursery:
             ctx = Ctx(rs, row, Bystander(ws), nursery, config, private_key)
@@ -398,12 +356,3 @@ def _path_for(config: dict[str, Any], private_key: bytes | None) -> str:
     """The bystander's WebSocket path (with a token when the server needs one)."""
     probe = Ctx(None, {}, None, None, config, private_key)  # type: ignore[arg-type]
     return probe.ws_path(sub="bystander")
-
-
-async def drain_frames(reader: ByteReader) -> bytes:
-    """Everything the server sends until it closes the connection."""
-    while await reader.fill():
-        pass
-    data = bytes(reader.buf)
-    reader.buf.clear()
-    return data

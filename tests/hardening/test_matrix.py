@@ -26,7 +26,7 @@ import trio
 from trioserve import Config, ConnectionState
 
 from ..conftest import ServerFactory
-from ..system.helpers import (
+from ..peers import (
     HOST,
     OP_BINARY,
     OP_CLOSE,
@@ -35,26 +35,23 @@ from ..system.helpers import (
     OP_TEXT,
     NdjsonClient,
     RawWebSocket,
+    apply_mask,
     dumps,
     encode_frame,
     http_publish,
     open_socket,
     upgrade_head,
-    wait_until,
 )
+from ..system.helpers import wait_until
 from .harness import (
     LIMIT,
     SECRET,
     Ctx,
     case_context,
     describe_error,
-    drain_frames,
     exchange,
-    finish_close,
     forged_token,
     hs256_token,
-    read_close,
-    request,
     reset_socket,
     rsa_keys,
     unsigned_token,
@@ -95,12 +92,6 @@ def case(id: str, area: str, sent: str, expected: str, *, timed: bool = False,
 # --- shared steps ---------------------------------------------------------------------------
 
 
-def mask(payload: bytes, key: bytes) -> bytes:
-    n = len(payload)
-    repeated = (key * (n // 4 + 1))[:n]
-    return (int.from_bytes(payload, "big") ^ int.from_bytes(repeated, "big")).to_bytes(n, "big")
-
-
 async def expect_ws_close(ctx: Ctx, data: bytes, code: int, reason_has: str = "",
                           ws: RawWebSocket | None = None) -> None:
     """Send *data* on a fresh WebSocket (or *ws*); the server must close with *code* and a reason."""
@@ -109,7 +100,9 @@ async def expect_ws_close(ctx: Ctx, data: bytes, code: int, reason_has: str = ""
         await ws.stream.send_all(data)
     except trio.BrokenResourceError:
         pass  # the server may have closed already; its close frame is still to be read
-    got, reason, _ = await read_close(ws)
+    closed = await ws.wait_closed()
+    await ws.aclose()
+    got, reason = closed.code, closed.reason
     ctx.observe(f"close {got} {reason!r}")
     assert got == code, f"expected close {code}, got {got} {reason!r}"
     assert reason, "the close frame carries no reason"
@@ -136,7 +129,7 @@ async def expect_error_reply(ctx: Ctx, payload: bytes | str, code: str, message_
     assert reply["error"]["code"] == code, reply
     assert reply["error"]["message"], reply
     assert message_has.lower() in reply["error"]["message"].lower(), reply
-    assert await request(ws, {"op": "ping", "id": "after"}) == {"id": "after", "ok": True, "op": "pong"}
+    assert await ws.request({"op": "ping", "id": "after"}) == {"id": "after", "ok": True, "op": "pong"}
     await close_cleanly(ws)
 
 
@@ -235,7 +228,7 @@ async def _(ctx: Ctx) -> None:
       "close 1009 once past max_message_size")
 async def _(ctx: Ctx) -> None:
     key = os.urandom(4)
-    data = struct.pack("!BBQ", 0x81, 0x80 | 127, 2**63 - 1) + key + mask(b"a" * (MAX + 100), key)
+    data = struct.pack("!BBQ", 0x81, 0x80 | 127, 2**63 - 1) + key + apply_mask(b"a" * (MAX + 100), key)
     await expect_ws_close(ctx, data, 1009, "too big")
 
 
@@ -554,7 +547,7 @@ async def _(ctx: Ctx) -> None:
     await ctx.settle(timeout=100)
     elapsed = trio.current_time() - start
     async with client.stream:
-        data = await drain_frames(client.reader)
+        data = await client.reader.read_to_eof()
     lines = data.splitlines()
     ctx.observe(f"lines {[line.decode() for line in lines]}; dropped after {elapsed:.0f} s")
     assert lines[0] == b'{"op":"ping"}'
@@ -567,7 +560,7 @@ async def _(ctx: Ctx) -> None:
 async def _(ctx: Ctx) -> None:
     server = ctx.rs.server
     ws = await ctx.connect()
-    assert (await request(ws, {"op": "subscribe", "topic": "rst", "id": 1}))["ok"] is True
+    assert (await ws.request({"op": "subscribe", "topic": "rst", "id": 1}))["ok"] is True
     before = dict(server.statistics().disconnects_total)
     reset_socket(ws.stream)
     await ctx.settle()
@@ -597,7 +590,7 @@ async def _(ctx: Ctx) -> None:
 async def _(ctx: Ctx) -> None:
     server = ctx.rs.server
     slow = await ctx.connect(rcvbuf=4096)
-    assert (await request(slow, {"op": "subscribe", "topic": "firehose", "id": 1}))["ok"] is True
+    assert (await slow.request({"op": "subscribe", "topic": "firehose", "id": 1}))["ok"] is True
     [conn] = [c for c in server.connections if c.remote == f"127.0.0.1:{slow.local_port}"]
     published = 0
     while conn.state is ConnectionState.OPEN:
@@ -612,7 +605,8 @@ async def _(ctx: Ctx) -> None:
     ctx.observe(f"close {frame.close_code} {frame.close_reason!r} after {pubs} of {published} "
                 "publications reached the client")
     assert frame.opcode == OP_CLOSE and (frame.close_code, frame.close_reason) == (4008, "slow consumer")
-    await finish_close(slow, frame)
+    await slow.answer_close(frame)
+    await slow.aclose()
 
 
 # ============================================================================================
@@ -741,8 +735,8 @@ async def _(ctx: Ctx) -> None:
     before = dict(server.statistics().disconnects_total)
     async with client.stream:
         await client.send_raw(b'{"op":"ping","id":1}\n{"op":"subscribe","topic":"partial","id":2}')
-        await client.stream.send_eof()
-        data = await drain_frames(client.reader)
+        await client.send_eof()
+        data = await client.reader.read_to_eof()
     await ctx.settle()
     after = server.statistics().disconnects_total
     new = {int(code): n - before.get(code, 0) for code, n in after.items() if n != before.get(code, 0)}
@@ -870,7 +864,7 @@ async def _(ctx: Ctx) -> None:
     exp = int(time.time()) + 1
     token = ctx.token(ttl=0, exp=exp, subscribe=["*"])
     first = await ctx.connect("/ws?token=" + token)
-    assert (await request(first, {"op": "ping", "id": 1}))["ok"] is True
+    assert (await first.request({"op": "ping", "id": 1}))["ok"] is True
     await close_cleanly(first)
     await trio.sleep(max(0.0, exp - time.time()) + 0.05)
     ws = await ctx.connect("/ws?token=" + token)
@@ -885,10 +879,12 @@ async def _(ctx: Ctx) -> None:
 async def _(ctx: Ctx) -> None:
     ws = await ctx.connect("/ws?token=" + ctx.token(ttl=60))
     assert await ws.recv_json() == {"op": "refresh_required"}
-    reply = await request(ws, {"op": "refresh", "token": ctx.token(ttl=-30), "id": "r"})
+    reply = await ws.request({"op": "refresh", "token": ctx.token(ttl=-30), "id": "r"})
     first = describe_error(reply)
     start = trio.current_time()
-    code, reason, _ = await read_close(ws)
+    closed = await ws.wait_closed()
+    await ws.aclose()
+    code, reason = closed.code, closed.reason
     grace = trio.current_time() - start
     ctx.observe(f"{first}; then close {code} {reason!r} after {grace:.0f} s")
     assert reply["ok"] is False and reply["error"]["code"] == "unauthorized", reply

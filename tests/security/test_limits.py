@@ -17,7 +17,7 @@ from trioserve.net.admission import peer_key
 from trioserve.net.connection import RATE_CLOSE_FACTOR
 from trioserve.protocol.codes import CloseCode
 
-from .helpers import Closed, Lines, Refused, Ws
+from ..peers import Closed, NdjsonClient, RawWebSocket, Refused
 
 # --- connections per address ---------------------------------------------------------------------
 
@@ -45,16 +45,16 @@ def test_peer_keys_group_ipv6_by_64() -> None:
 async def test_over_max_connections_per_ip_gets_503_and_1013(start_server: Any) -> None:
     rs = await start_server(max_connections_per_ip=2)
     with trio.fail_after(15):
-        first = await Ws.connect(rs.port)
-        second = await Ws.connect(rs.port)
+        first = await RawWebSocket.connect(rs.port)
+        second = await RawWebSocket.connect(rs.port)
 
         with pytest.raises(Refused) as refused:
-            await Ws.connect(rs.port)
+            await RawWebSocket.connect(rs.port)
         assert refused.value.status == 503
         error = json.loads(refused.value.body)["error"]
         assert error["code"] == "unavailable" and "max_connections_per_ip" in error["message"]
 
-        tcp = await Lines.connect(rs.tcp_port)
+        tcp = await NdjsonClient.connect(rs.tcp_port)
         close = json.loads(await tcp.recv_line() or b"null")
         assert close["op"] == "close" and close["code"] == CloseCode.TRY_AGAIN_LATER
         assert "max_connections_per_ip" in close["reason"]
@@ -62,7 +62,7 @@ async def test_over_max_connections_per_ip_gets_503_and_1013(start_server: Any) 
         await tcp.aclose()
 
         # Another address is counted on its own, and the first one's clients are untouched.
-        other = await Ws.connect(rs.port, source="127.0.0.2")
+        other = await RawWebSocket.connect(rs.port, source="127.0.0.2")
         assert (await other.request({"op": "ping", "id": 1}))["ok"] is True
         assert (await first.request({"op": "ping", "id": 2}))["ok"] is True
         assert rs.server.statistics().rejected_connections == 2
@@ -71,7 +71,7 @@ async def test_over_max_connections_per_ip_gets_503_and_1013(start_server: Any) 
         await second.aclose()
         while rs.server._admission._per_ip.get("127.0.0.1", 0) > 1:
             await trio.sleep(0.01)
-        third = await Ws.connect(rs.port)
+        third = await RawWebSocket.connect(rs.port)
         assert (await third.request({"op": "ping", "id": 3}))["ok"] is True
         for client in (first, third, other):
             await client.aclose()
@@ -84,7 +84,7 @@ async def test_loopback_is_exempt_by_default(start_server: Any) -> None:
     rs = await start_server()
     assert rs.server.config.max_connections_per_ip is None
     with trio.fail_after(10):
-        clients = [await Ws.connect(rs.port) for _ in range(5)]
+        clients = [await RawWebSocket.connect(rs.port) for _ in range(5)]
         assert rs.server._admission._per_ip == {}  # loopback peers are not even counted
         for client in clients:
             await client.aclose()
@@ -95,7 +95,7 @@ async def test_loopback_is_exempt_by_default(start_server: Any) -> None:
 
 async def test_rate_limited_replies_then_recovery(start_server: Any, autojump_clock: Any) -> None:
     rs = await start_server(rate_limit=10, rate_burst=5)
-    client = await Ws.connect(rs.port)
+    client = await RawWebSocket.connect(rs.port)
     await client.send_many([{"op": "ping", "id": i} for i in range(8)])
     replies = [await client.recv_json() for _ in range(8)]
     assert [r["ok"] for r in replies] == [True] * 5 + [False] * 3
@@ -112,9 +112,9 @@ async def test_rate_limited_replies_then_recovery(start_server: Any, autojump_cl
 async def test_rate_limit_flood_is_closed_4029(start_server: Any, autojump_clock: Any) -> None:
     burst = 5
     rs = await start_server(rate_limit=10, rate_burst=burst, client_publish=True)
-    bystander = await Ws.connect(rs.port)
+    bystander = await RawWebSocket.connect(rs.port)
     assert (await bystander.request({"op": "subscribe", "topic": "t"}))["ok"] is True
-    flooder = await Ws.connect(rs.port)
+    flooder = await RawWebSocket.connect(rs.port)
     # Enough to run RATE_CLOSE_FACTOR * burst messages into debt, in one write:
     # the server handles them without the clock moving.
     count = burst + RATE_CLOSE_FACTOR * burst + 10
@@ -140,7 +140,7 @@ async def test_rate_limit_flood_is_closed_4029(start_server: Any, autojump_clock
 
 async def test_tcp_pings_count_against_the_rate(start_server: Any, autojump_clock: Any) -> None:
     rs = await start_server(rate_limit=1, rate_burst=2)
-    client = await Lines.connect(rs.tcp_port)
+    client = await NdjsonClient.connect(rs.tcp_port)
     # Transport-level pings are answered by the connection, not the handler,
     # but share its bucket: over it, no pong.
     await client.send_raw(b'{"op":"ping","id":1}\n{"op":"ping","id":2}\n{"op":"ping","id":3}\n')
@@ -157,7 +157,7 @@ async def test_tcp_pings_count_against_the_rate(start_server: Any, autojump_cloc
 async def test_rate_limit_zero_is_off(start_server: Any) -> None:
     rs = await start_server(rate_limit=0, rate_burst=1)
     with trio.fail_after(10):
-        client = await Ws.connect(rs.port)
+        client = await RawWebSocket.connect(rs.port)
         await client.send_many([{"op": "ping", "id": i} for i in range(50)])
         assert all([(await client.recv_json())["ok"] for _ in range(50)])
         await client.aclose()
@@ -169,7 +169,7 @@ async def test_rate_limit_zero_is_off(start_server: Any) -> None:
 async def test_too_many_subscriptions(start_server: Any) -> None:
     rs = await start_server(max_subscriptions=3)
     with trio.fail_after(10):
-        client = await Ws.connect(rs.port)
+        client = await RawWebSocket.connect(rs.port)
         for topic in ("a", "b", "c"):
             assert (await client.request({"op": "subscribe", "topic": topic}))["ok"] is True
         reply = await client.request({"op": "subscribe", "topic": "d", "id": 9})
@@ -183,7 +183,7 @@ async def test_too_many_subscriptions(start_server: Any) -> None:
         rs.server.hub.publish_nowait("d", "hello")
         assert (await client.recv_json())["data"] == "hello"
         # The limit is per connection.
-        other = await Lines.connect(rs.tcp_port)
+        other = await NdjsonClient.connect(rs.tcp_port)
         for topic in ("a", "b", "c"):
             assert (await other.request({"op": "subscribe", "topic": topic}))["ok"] is True
         assert (await other.request({"op": "subscribe", "topic": "e"}))["error"]["code"] == \
@@ -206,9 +206,9 @@ async def test_max_queued_bytes_sheds_the_largest_queue(start_server: Any,
                             queue_max_frames=1_000_000, close_timeout=30)
     server = rs.server
     with trio.fail_after(60):
-        fast = await Ws.connect(rs.port)
-        big = await Ws.connect(rs.port)     # two topics: its queue grows twice as fast
-        small = await Ws.connect(rs.port)
+        fast = await RawWebSocket.connect(rs.port)
+        big = await RawWebSocket.connect(rs.port)     # two topics: its queue grows twice as fast
+        small = await RawWebSocket.connect(rs.port)
         for client, topics in ((fast, "ab"), (big, "ab"), (small, "a")):
             for topic in topics:
                 assert (await client.request({"op": "subscribe", "topic": topic}))["ok"] is True
@@ -251,7 +251,7 @@ async def test_queued_total_tracks_each_queue(start_server: Any) -> None:
     rs = await start_server(queue_max_bytes=64 * 1024 * 1024, queue_max_frames=1_000_000)
     server = rs.server
     with trio.fail_after(30):
-        stalled = [await Ws.connect(rs.port) for _ in range(3)]
+        stalled = [await RawWebSocket.connect(rs.port) for _ in range(3)]
         for client in stalled:
             assert (await client.request({"op": "subscribe", "topic": "t"}))["ok"] is True
         while all(c.queued_bytes == 0 for c in server.connections):

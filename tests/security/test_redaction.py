@@ -16,7 +16,7 @@ from trioserve.config import ConfigError, load_config, redact_url
 from trioserve.protocol.codes import CloseCode
 from trioserve.push.brokers.redis import RedisBroker
 
-from .helpers import Closed, Lines, Ws, dumps, http
+from ..peers import Closed, NdjsonClient, RawWebSocket, dumps, http_request
 
 SECRET = "s3cret-token-key-0123456789abcdefghijkl"
 API_KEY = "api-key-9f8e7d6c5b4a39281706f5e4d3c2b1a0"
@@ -38,21 +38,21 @@ async def test_no_secret_or_token_in_the_logs(start_server: Any, caplog: pytest.
     rs = await start_server(token_secret=SECRET, api_key=API_KEY, log_level="debug")
     with trio.fail_after(20):
         # WebSocket: a token in the query string, and in the Authorization header.
-        ok = await Ws.connect(rs.port, path=f"/ws?token={good}")
+        ok = await RawWebSocket.connect(rs.port, path=f"/ws?token={good}")
         assert (await ok.request({"op": "subscribe", "topic": "t", "id": 1}))["ok"] is True
-        ok_header = await Ws.connect(rs.port, headers=[(b"authorization", f"Bearer {good}".encode())])
+        ok_header = await RawWebSocket.connect(rs.port, headers=[("authorization", f"Bearer {good}")])
         assert (await ok_header.request({"op": "ping", "id": 1}))["ok"] is True
         for bad in (forged, expired, "not.a.token"):
-            refused = await Ws.connect(rs.port, path=f"/ws?token={bad}")
+            refused = await RawWebSocket.connect(rs.port, path=f"/ws?token={bad}")
             closed = await refused.wait_closed()
             assert closed.code == CloseCode.UNAUTHORIZED
             await refused.aclose()
-        nothing = await Ws.connect(rs.port)
+        nothing = await RawWebSocket.connect(rs.port)
         assert (await nothing.wait_closed()).code == CloseCode.UNAUTHORIZED
         await nothing.aclose()
 
         # TCP: connect with a forged token, then a good one, then refresh.
-        tcp = await Lines.connect(rs.tcp_port)
+        tcp = await NdjsonClient.connect(rs.tcp_port)
         reply = await tcp.request({"op": "connect", "token": forged, "id": 1})
         assert reply["error"]["code"] == "unauthorized"
         assert (await tcp.request({"op": "connect", "token": good, "id": 2}))["ok"] is True
@@ -62,13 +62,13 @@ async def test_no_secret_or_token_in_the_logs(start_server: Any, caplog: pytest.
 
         # HTTP API: no key, a near miss, the right key.
         body = dumps({"topic": "t", "data": 1}).encode()
-        assert (await http(rs.port, "POST", "/api/publish", body))[0] == 401
-        assert (await http(rs.port, "POST", "/api/publish", body,
-                           headers=[("Authorization", f"Bearer {NEAR_KEY}")]))[0] == 401
-        assert (await http(rs.port, "POST", "/api/publish", body,
-                           headers=[("Authorization", f"Bearer {API_KEY}")]))[0] == 200
-        assert (await http(rs.port, "GET", f"/api/history?topic=t&token={good}",
-                           headers=[("Authorization", f"Bearer {API_KEY}")]))[0] == 200
+        assert (await http_request(rs.port, "POST", "/api/publish", body)).status == 401
+        assert (await http_request(rs.port, "POST", "/api/publish", body,
+                                   headers=[("Authorization", f"Bearer {NEAR_KEY}")])).status == 401
+        assert (await http_request(rs.port, "POST", "/api/publish", body,
+                                   headers=[("Authorization", f"Bearer {API_KEY}")])).status == 200
+        assert (await http_request(rs.port, "GET", f"/api/history?topic=t&token={good}",
+                                   headers=[("Authorization", f"Bearer {API_KEY}")])).status == 200
         assert (await ok.recv_json())["data"] == 1
 
         for client in (ok, ok_header):
@@ -128,7 +128,7 @@ async def test_token_in_a_closed_reason_is_never_echoed(start_server: Any) -> No
     rs = await start_server(token_secret=SECRET)
     forged = token(secret="not-the-secret-but-as-long-as-it-0123")
     with trio.fail_after(10):
-        client = await Ws.connect(rs.port, path=f"/ws?token={forged}")
+        client = await RawWebSocket.connect(rs.port, path=f"/ws?token={forged}")
         with pytest.raises(Closed) as closed:
             await client.recv_json()
         assert closed.value.reason == "unauthorized: bad_signature"

@@ -21,7 +21,7 @@ from trioserve.config import ConfigError
 from trioserve.net.tls import server_context
 from trioserve.protocol.codes import CloseCode
 
-from .helpers import HOST, Lines, Ws, dumps, http
+from ..peers import HOST, NdjsonClient, RawWebSocket, dumps, http_request
 
 
 @attrs.frozen
@@ -69,10 +69,10 @@ async def test_wss_subscribe_and_publish(start_server: Any, certs: Certs,
             assert json.loads(await sub.get_message()) == {"op": "pub", "topic": "news", "offset": 1,
                                                            "data": {"n": 1}}
             # Publications from the HTTP API, over HTTPS.
-            status, body = await http(rs.port, "POST", "/api/publish",
+            resp = await http_request(rs.port, "POST", "/api/publish",
                                       dumps({"topic": "news", "data": "big"}).encode() * 1,
                                       tls=certs.client)
-            assert status == 200 and json.loads(body)["offset"] == 2
+            assert resp.status == 200 and json.loads(resp.body)["offset"] == 2
             assert json.loads(await sub.get_message())["data"] == "big"
             # A large publication crosses many TLS records.
             rs.server.hub.publish_nowait("news", "x" * 200_000)
@@ -97,7 +97,7 @@ async def test_wss_with_the_python_client(start_server: Any, certs: Certs) -> No
 async def test_tcp_over_tls(start_server: Any, certs: Certs) -> None:
     rs = await start_tls(start_server, certs)
     with trio.fail_after(15):
-        client = await Lines.connect(rs.tcp_port, tls=certs.client)
+        client = await NdjsonClient.connect(rs.tcp_port, tls=certs.client)
         assert (await client.request({"op": "subscribe", "topic": "t", "id": 1}))["ok"] is True
         # The transport answers pings itself, over TLS too.
         assert await client.request({"op": "ping", "id": 2}) == {"id": 2, "ok": True, "op": "pong"}
@@ -118,13 +118,13 @@ async def test_tcp_over_tls(start_server: Any, certs: Certs) -> None:
 async def test_tls_refusals_still_speak_the_protocol(start_server: Any, certs: Certs) -> None:
     rs = await start_tls(start_server, certs, max_connections=1)
     with trio.fail_after(15):
-        holder = await Ws.connect(rs.port, tls=certs.client)
-        tcp = await Lines.connect(rs.tcp_port, tls=certs.client)
+        holder = await RawWebSocket.connect(rs.port, tls=certs.client)
+        tcp = await NdjsonClient.connect(rs.tcp_port, tls=certs.client)
         assert await tcp.recv() == {"op": "close", "code": 1013, "reason": "server at capacity"}
         assert await tcp.recv_line() is None
         await tcp.aclose()
-        status, body = await http(rs.port, "GET", "/healthz", tls=certs.client)
-        assert (status, json.loads(body)) == (200, {"status": "ok"})
+        resp = await http_request(rs.port, "GET", "/healthz", tls=certs.client)
+        assert (resp.status, json.loads(resp.body)) == (200, {"status": "ok"})
         assert (await holder.request({"op": "ping", "id": 1}))["ok"] is True
         await holder.aclose()
 
@@ -146,7 +146,7 @@ async def test_plain_text_client_on_the_tls_port_is_closed(start_server: Any, ce
                 pass  # a reset: also closed
             await stream.aclose()
         # The server is fine.
-        client = await Ws.connect(rs.port, tls=certs.client)
+        client = await RawWebSocket.connect(rs.port, tls=certs.client)
         assert (await client.request({"op": "ping", "id": 1}))["ok"] is True
         await client.aclose()
     while rs.server._admission.sockets > 0:
@@ -170,7 +170,7 @@ async def test_ssl_context_argument(start_server: Any, certs: Certs) -> None:
     rs = await start_server(server_kwargs={"ssl_context": ctx})
     assert rs.server.ssl_context is ctx
     with trio.fail_after(10):
-        client = await Ws.connect(rs.port, tls=certs.client)
+        client = await RawWebSocket.connect(rs.port, tls=certs.client)
         assert (await client.request({"op": "ping", "id": 1}))["ok"] is True
         await client.aclose()
 

@@ -9,7 +9,7 @@ import jwt
 import pytest
 import trio
 
-from .helpers import OP_CLOSE, NdjsonClient, RawWebSocket, http_request, open_socket, upgrade_head
+from ..peers import OP_CLOSE, NdjsonClient, RawWebSocket, http_request, open_socket, upgrade_head
 
 pytestmark = pytest.mark.system
 

@@ -12,8 +12,9 @@ import pytest
 import trio
 from trio_websocket import ConnectionClosed, open_websocket_url
 
+from ..peers import OP_CLOSE, RawWebSocket, dumps
 from ..serverproc import LISTENING, REPO, STARTUP_TIMEOUT, ServerProcess, trioserve_process
-from .helpers import OP_CLOSE, RawWebSocket, close_code, dumps
+from .helpers import close_code
 
 pytestmark = pytest.mark.system
 

@@ -37,7 +37,8 @@ from trioserve.client import (
     connect,
 )
 
-from .helpers import http_publish, wait_until
+from ..peers import http_publish
+from .helpers import wait_until
 
 pytestmark = pytest.mark.system
 

@@ -12,17 +12,16 @@ from trio_websocket import ConnectionClosed, open_websocket_url
 
 from trioserve import HubClosed
 
-from .helpers import (
+from ..peers import (
     OP_CLOSE,
     HttpResponse,
     NdjsonClient,
     RawWebSocket,
-    close_code,
     http_publish,
     http_request,
     upgrade_head,
-    wait_until,
 )
+from .helpers import close_code, wait_until
 
 pytestmark = pytest.mark.system
 

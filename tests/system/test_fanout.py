@@ -13,7 +13,7 @@ import pytest
 import trio
 from trio_websocket import open_websocket_url
 
-from .helpers import NdjsonClient, dumps, http_publish
+from ..peers import NdjsonClient, dumps, http_publish
 
 pytestmark = pytest.mark.system
 

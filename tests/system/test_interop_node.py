@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import trio
 
-from .helpers import ByteReader, read_until_eof
+from ..peers import ByteReader
 
 pytestmark = pytest.mark.system
 
@@ -56,7 +56,7 @@ async def test_node_ws_client_receives_publications(node: str, start_server: Any
             async def collect_stderr() -> None:
                 nonlocal stderr
                 assert proc.stderr is not None
-                stderr = await read_until_eof(proc.stderr)
+                stderr = await ByteReader(proc.stderr).read_to_eof()
 
             nursery.start_soon(collect_stderr)
             lines = ByteReader(proc.stdout)

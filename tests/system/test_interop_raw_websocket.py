@@ -9,7 +9,7 @@ import pytest
 import trio
 from trio_websocket import open_websocket_url
 
-from .helpers import (
+from ..peers import (
     OP_CLOSE,
     OP_CONT,
     OP_PING,

@@ -8,7 +8,8 @@ from typing import Any
 import pytest
 import trio
 
-from .helpers import NdjsonClient, http_publish, wait_until
+from ..peers import NdjsonClient, http_publish
+from .helpers import wait_until
 
 pytestmark = pytest.mark.system
 

@@ -11,7 +11,8 @@ from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket
 
 from trioserve import ConnectionState
 
-from .helpers import dumps, http_publish, wait_until
+from ..peers import dumps, http_publish
+from .helpers import wait_until
 
 pytestmark = pytest.mark.system
 

@@ -17,7 +17,7 @@ from websockets.asyncio.client import connect as async_connect
 from websockets.exceptions import ConnectionClosedError
 from websockets.sync.client import connect as sync_connect
 
-from .helpers import HOST, dumps
+from ..peers import HOST, dumps
 
 pytestmark = pytest.mark.system
 

@@ -11,7 +11,7 @@ import trio_websocket
 
 from trioserve import Command, Connection, ErrorCode, ProtocolError, Reject, Request, Response
 
-from .helpers import http_request
+from ..peers import http_request
 
 
 async def echo(conn: Connection) -> None:

@@ -12,7 +12,7 @@ from trio_websocket import ConnectionClosed, ConnectionRejected, WebSocketConnec
 
 from trioserve import Connection
 
-from .helpers import (
+from ..peers import (
     HOST,
     OP_CLOSE,
     OP_CONT,
@@ -20,14 +20,13 @@ from .helpers import (
     ByteReader,
     NdjsonClient,
     RawWebSocket,
-    close_code,
     dumps,
     http_publish,
     http_request,
     open_socket,
     upgrade_head,
-    wait_until,
 )
+from .helpers import close_code, wait_until
 
 pytestmark = pytest.mark.system
 

@@ -17,7 +17,8 @@ from trio_websocket import WebSocketConnection, open_websocket_url
 from trioserve import Connection
 from trioserve.server.metrics import server_registry
 
-from .helpers import HttpResponse, NdjsonClient, RawWebSocket, dumps, http_publish, http_request, wait_until
+from ..peers import HttpResponse, NdjsonClient, RawWebSocket, dumps, http_publish, http_request
+from .helpers import wait_until
 
 pytestmark = pytest.mark.system
 

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 import trio
 
-from .helpers import RawWebSocket
+from ..peers import RawWebSocket
 
 pytestmark = pytest.mark.system
 

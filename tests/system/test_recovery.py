@@ -7,7 +7,8 @@ from typing import Any
 import pytest
 import trio
 
-from .helpers import RawWebSocket, http_request, subscribe_reply
+from ..peers import RawWebSocket, http_request
+from .helpers import subscribe_reply
 
 pytestmark = pytest.mark.system
 

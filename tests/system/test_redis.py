@@ -8,7 +8,8 @@ import pytest
 import trio
 
 from ..conftest import RedisServer, start_redis
-from .helpers import RawWebSocket, http_publish, http_request, next_pub, subscribe_reply
+from ..peers import RawWebSocket, http_publish, http_request
+from .helpers import next_pub, subscribe_reply
 
 pytestmark = pytest.mark.system
 

@@ -17,7 +17,8 @@ from trio_websocket import WebSocketConnection, open_websocket_url
 
 from trioserve import Connection, ConnectionState
 
-from .helpers import OP_CLOSE, OP_TEXT, NdjsonClient, RawWebSocket, dumps, open_socket, wait_until
+from ..peers import OP_CLOSE, OP_TEXT, NdjsonClient, RawWebSocket, dumps, open_socket
+from .helpers import wait_until
 
 pytestmark = pytest.mark.system
 

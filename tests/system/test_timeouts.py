@@ -11,7 +11,8 @@ from typing import Any
 import pytest
 import trio
 
-from .helpers import OP_CLOSE, OP_PING, OP_PONG, NdjsonClient, RawWebSocket, open_socket, wait_until
+from ..peers import OP_CLOSE, OP_PING, OP_PONG, NdjsonClient, RawWebSocket, open_socket
+from .helpers import wait_until
 
 pytestmark = pytest.mark.system
 

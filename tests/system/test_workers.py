@@ -26,8 +26,9 @@ from trioserve.ops.worker import read_worker_config, write_worker_config
 from trioserve.server import metrics
 
 from ..conftest import RedisServer
+from ..peers import OP_CLOSE, EndOfStream, RawWebSocket, dumps, http_publish, http_request
 from ..serverproc import REPO, STARTUP_TIMEOUT, ServerProcess, trioserve_process
-from .helpers import OP_CLOSE, EndOfStream, RawWebSocket, close_code, dumps, http_publish, http_request
+from .helpers import close_code
 
 pytestmark = pytest.mark.system
 

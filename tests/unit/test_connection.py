@@ -12,7 +12,6 @@ from typing import Any
 
 import pytest
 import trio
-import wsproto.events as wse
 
 from trioserve import (
     CloseCode,
@@ -26,7 +25,8 @@ from trioserve import (
 from trioserve.net.heartbeat import Heartbeats
 from trioserve.protocol import websocket
 
-from .helpers import LinePeer, PairFactory, WSPeer, memory_pair, socket_pair
+from ..peers import OP_BINARY, OP_CLOSE, OP_CONT, OP_PING, OP_PONG, OP_TEXT, NdjsonClient, RawWebSocket
+from .helpers import PairFactory, memory_pair, socket_pair
 
 
 @pytest.fixture(params=["socket", "memory"])
@@ -66,34 +66,34 @@ async def serve_conn(
 async def start_ws(
     nursery: trio.Nursery, pair: PairFactory, handler: Callable[[Connection], Awaitable[None]] = echo,
     bufsize: int | None = None, **config: Any,
-) -> tuple[Connection, WSPeer]:
+) -> tuple[Connection, RawWebSocket]:
     transport, client = pair(bufsize)
     conn = await nursery.start(serve_conn, WebSocketConnection, transport, Config(**config), handler)
-    return conn, WSPeer(client)
+    return conn, RawWebSocket(client)
 
 
 async def start_tcp(
     nursery: trio.Nursery, pair: PairFactory, handler: Callable[[Connection], Awaitable[None]] = echo,
     **config: Any,
-) -> tuple[Connection, LinePeer]:
+) -> tuple[Connection, NdjsonClient]:
     transport, client = pair()
     conn = await nursery.start(serve_conn, TcpConnection, transport, Config(**config), handler)
-    return conn, LinePeer(client)
+    return conn, NdjsonClient(client)
 
 
 async def test_text_and_binary_messages(pair: PairFactory) -> None:
     async with trio.open_nursery() as nursery:
         conn, peer = await start_ws(nursery, pair)
-        await peer.send(wse.TextMessage("héllo"))
-        assert await peer.next_message() == "HÉLLO"
-        await peer.send(wse.BytesMessage(b"\x00\x01\x02"))
-        assert await peer.next_message() == b"\x02\x01\x00"
+        await peer.send_text("héllo")
+        assert await peer.recv_message() == "HÉLLO"
+        await peer.send_frame(OP_BINARY, b"\x00\x01\x02")
+        assert await peer.recv_message() == b"\x02\x01\x00"
         stats = conn.statistics()
         assert (stats.messages_in, stats.messages_out) == (2, 2)
         assert stats.bytes_in > 0 and stats.bytes_out > 0
-        await peer.send(wse.CloseConnection(code=1000))
-        events = await peer.read_until_eof()
-        assert isinstance(events[-1], wse.CloseConnection) and events[-1].code == 1000
+        await peer.send_close(1000)
+        frames = await peer.read_until_eof()
+        assert frames[-1].opcode == OP_CLOSE and frames[-1].close_code == 1000
     assert conn.state is ConnectionState.CLOSED
     assert conn.close_code == 1000
 
@@ -101,9 +101,9 @@ async def test_text_and_binary_messages(pair: PairFactory) -> None:
 async def test_fragmented_message_is_joined(pair: PairFactory) -> None:
     async with trio.open_nursery() as nursery:
         _, peer = await start_ws(nursery, pair)
-        await peer.send(wse.TextMessage("ab", message_finished=False))
-        await peer.send(wse.TextMessage("cd", message_finished=True))
-        assert await peer.next_message() == "ABCD"
+        await peer.send_frame(OP_TEXT, b"ab", fin=False)
+        await peer.send_frame(OP_CONT, b"cd", fin=True)
+        assert await peer.recv_message() == "ABCD"
         nursery.cancel_scope.cancel()
 
 
@@ -111,14 +111,14 @@ async def test_heartbeat_pings_then_closes_4002(pair: PairFactory, autojump_cloc
     async with trio.open_nursery() as nursery:
         conn, peer = await start_ws(nursery, pair, ping_interval=25, ping_timeout=10)
         start = trio.current_time()
-        event = await peer.next_event()
-        assert isinstance(event, wse.Ping)
+        frame = await peer.recv_frame()
+        assert frame.opcode == OP_PING
         assert trio.current_time() - start == pytest.approx(25)
-        event = await peer.next_event()
-        assert isinstance(event, wse.CloseConnection)
-        assert (event.code, event.reason) == (4002, "heartbeat timeout")
+        frame = await peer.recv_frame()
+        assert frame.opcode == OP_CLOSE
+        assert (frame.close_code, frame.close_reason) == (4002, "heartbeat timeout")
         assert trio.current_time() - start == pytest.approx(35)
-        await peer.send(event.response())
+        await peer.answer_close(frame)
     assert conn.close_code == CloseCode.HEARTBEAT_TIMEOUT
     assert conn.state is ConnectionState.CLOSED
 
@@ -133,13 +133,13 @@ async def test_a_stalled_heartbeat_sweep_leaves_the_pinging_to_the_reader(
         conn = WebSocketConnection(transport, Config(ping_interval=25, ping_timeout=10), nursery,
                                    "peer", heartbeats=beats)
         nursery.start_soon(listen_only, conn)
-        peer = WSPeer(client)
+        peer = RawWebSocket(client)
         start = trio.current_time()
-        event = await peer.next_event()
-        assert isinstance(event, wse.Ping)
+        frame = await peer.recv_frame()
+        assert frame.opcode == OP_PING
         assert trio.current_time() - start == pytest.approx(25 + beats.slack)
-        event = await peer.next_event()
-        assert isinstance(event, wse.CloseConnection) and event.code == 4002
+        frame = await peer.recv_frame()
+        assert frame.opcode == OP_CLOSE and frame.close_code == 4002
         assert trio.current_time() - start == pytest.approx(35 + beats.slack)
         nursery.cancel_scope.cancel()
 
@@ -155,14 +155,14 @@ async def test_the_sweep_pings_each_silent_connection_once(pair: PairFactory, au
                                        "peer", heartbeats=beats)
             nursery.start_soon(listen_only, conn)
             conns.append(conn)
-            peers.append(WSPeer(client))
+            peers.append(RawWebSocket(client))
         await trio.sleep(20)
-        await peers[0].send(wse.TextMessage("activity"))
+        await peers[0].send_text("activity")
         await trio.sleep(5.5)
         assert beats.sweep() == 2  # the two silent for 25 s; the third spoke 5.5 s ago
         assert beats.sweep() == 0  # a ping is out: no second one
         for peer in peers[1:]:
-            assert isinstance(await peer.next_event(), wse.Ping)
+            assert (await peer.recv_frame()).opcode == OP_PING
         nursery.cancel_scope.cancel()
 
 
@@ -171,24 +171,24 @@ async def test_pong_and_data_keep_the_connection_alive(pair: PairFactory, autoju
         conn, peer = await start_ws(nursery, pair, ping_interval=25, ping_timeout=10)
         for _ in range(4):
             await trio.sleep(20)
-            await peer.send(wse.TextMessage("x"))
-            assert await peer.next_message() == "X"
-        event = await peer.next_event()
-        assert isinstance(event, wse.Ping)
-        await peer.send(event.response())
+            await peer.send_text("x")
+            assert await peer.recv_message() == "X"
+        frame = await peer.recv_frame()
+        assert frame.opcode == OP_PING
+        await peer.send_frame(OP_PONG, frame.payload)
         await trio.sleep(30)  # past ping_timeout: the pong counted as activity
         assert conn.state is ConnectionState.OPEN
-        event = await peer.next_event()
-        assert isinstance(event, wse.Ping)  # the next round, not a close
+        frame = await peer.recv_frame()
+        assert frame.opcode == OP_PING  # the next round, not a close
         nursery.cancel_scope.cancel()
 
 
 async def test_server_answers_pings(pair: PairFactory) -> None:
     async with trio.open_nursery() as nursery:
         _, peer = await start_ws(nursery, pair)
-        await peer.send(wse.Ping(b"abc"))
-        event = await peer.next_event()
-        assert isinstance(event, wse.Pong) and event.payload == b"abc"
+        await peer.send_frame(OP_PING, b"abc")
+        frame = await peer.recv_frame()
+        assert frame.opcode == OP_PONG and frame.payload == b"abc"
         nursery.cancel_scope.cancel()
 
 
@@ -199,8 +199,8 @@ async def test_close_handshake_times_out(pair: PairFactory, autojump_clock: Any)
     async with trio.open_nursery() as nursery:
         conn, peer = await start_ws(nursery, pair, close_at_once, close_timeout=5)
         start = trio.current_time()
-        event = await peer.next_event()
-        assert isinstance(event, wse.CloseConnection) and (event.code, event.reason) == (1000, "bye")
+        frame = await peer.recv_frame()
+        assert frame.opcode == OP_CLOSE and (frame.close_code, frame.close_reason) == (1000, "bye")
         # Never answer: the server must give up after close_timeout and close the socket.
         while await peer.stream.receive_some(100):
             pass
@@ -219,9 +219,9 @@ async def test_peer_initiated_close(pair: PairFactory) -> None:
 
     async with trio.open_nursery() as nursery:
         _, peer = await start_ws(nursery, pair, handler)
-        await peer.send(wse.CloseConnection(code=4100, reason="done"))
-        events = await peer.read_until_eof()
-        assert isinstance(events[-1], wse.CloseConnection) and events[-1].code == 4100
+        await peer.send_close(4100, "done")
+        frames = await peer.read_until_eof()
+        assert frames[-1].opcode == OP_CLOSE and frames[-1].close_code == 4100
     assert seen and (seen[0].code, seen[0].reason) == (4100, "done")
 
 
@@ -229,26 +229,26 @@ async def test_peer_initiated_close(pair: PairFactory) -> None:
 async def test_message_too_big_closes_1009(pair: PairFactory, fragmented: bool) -> None:
     async with trio.open_nursery() as nursery:
         conn, peer = await start_ws(nursery, pair, max_message_size=100)
-        await peer.send(wse.TextMessage("ok"))
-        assert await peer.next_message() == "OK"
+        await peer.send_text("ok")
+        assert await peer.recv_message() == "OK"
         if fragmented:
-            await peer.send(wse.TextMessage("a" * 60, message_finished=False))
-            await peer.send(wse.TextMessage("a" * 60, message_finished=True))
+            await peer.send_frame(OP_TEXT, b"a" * 60, fin=False)
+            await peer.send_frame(OP_CONT, b"a" * 60, fin=True)
         else:
-            await peer.send(wse.TextMessage("a" * 101))
-        events = await peer.read_until_eof()
-    assert isinstance(events[-1], wse.CloseConnection) and events[-1].code == 1009
+            await peer.send_text("a" * 101)
+        frames = await peer.read_until_eof()
+    assert frames[-1].opcode == OP_CLOSE and frames[-1].close_code == 1009
     assert conn.close_code == 1009
 
 
 async def test_multibyte_text_is_measured_in_bytes(pair: PairFactory) -> None:
     async with trio.open_nursery() as nursery:
         _, peer = await start_ws(nursery, pair, max_message_size=100)
-        await peer.send(wse.TextMessage("é" * 50))  # 100 bytes: at the limit
-        assert await peer.next_message() == "É" * 50
-        await peer.send(wse.TextMessage("é" * 51))  # 102 bytes
-        events = await peer.read_until_eof()
-    assert isinstance(events[-1], wse.CloseConnection) and events[-1].code == 1009
+        await peer.send_text("é" * 50)  # 100 bytes: at the limit
+        assert await peer.recv_message() == "É" * 50
+        await peer.send_text("é" * 51)  # 102 bytes
+        frames = await peer.read_until_eof()
+    assert frames[-1].opcode == OP_CLOSE and frames[-1].close_code == 1009
 
 
 async def test_invalid_utf8_closes_1007(pair: PairFactory) -> None:
@@ -256,8 +256,8 @@ async def test_invalid_utf8_closes_1007(pair: PairFactory) -> None:
         conn, peer = await start_ws(nursery, pair)
         # A masked text frame (mask 0) whose payload is not UTF-8.
         await peer.send_raw(b"\x81\x82\x00\x00\x00\x00\xff\xfe")
-        events = await peer.read_until_eof()
-    assert isinstance(events[-1], wse.CloseConnection) and events[-1].code == 1007
+        frames = await peer.read_until_eof()
+    assert frames[-1].opcode == OP_CLOSE and frames[-1].close_code == 1007
     assert conn.close_code == 1007
 
 
@@ -265,8 +265,8 @@ async def test_unmasked_client_frame_closes_1002(pair: PairFactory) -> None:
     async with trio.open_nursery() as nursery:
         conn, peer = await start_ws(nursery, pair)
         await peer.send_raw(websocket.text_frame(b"hi"))  # server-style: no mask
-        events = await peer.read_until_eof()
-    assert isinstance(events[-1], wse.CloseConnection) and events[-1].code == 1002
+        frames = await peer.read_until_eof()
+    assert frames[-1].opcode == OP_CLOSE and frames[-1].close_code == 1002
     assert conn.close_code == 1002
 
 
@@ -288,7 +288,7 @@ async def test_backlog_keeps_order_across_partial_writes() -> None:
             assert conn.send_prepared(websocket.text_frame(f))
         assert conn.statistics().queued_frames > 0
         for f in frames:
-            assert await peer.next_message() == f.decode()
+            assert await peer.recv_message() == f.decode()
         with trio.fail_after(1):
             while conn.statistics().queued_frames:
                 await trio.sleep(0)
@@ -312,12 +312,12 @@ async def test_slow_consumer_is_closed_4008(make: PairFactory, autojump_clock: A
         assert stats.queued_bytes < 64 * 1024
         # Other sends are refused rather than queued behind the close frame.
         assert not conn.send_prepared(websocket.text_frame(payload))
-        events = await peer.read_until_eof()
-    messages = [e for e in events if isinstance(e, wse.Message)]
-    assert all(m.data == payload.decode() for m in messages)
+        frames = await peer.read_until_eof()
+    messages = [f for f in frames if f.opcode not in (OP_PING, OP_CLOSE)]
+    assert all((m.opcode, m.fin, m.payload) == (OP_TEXT, True, payload) for m in messages)
     assert len(messages) < sent
-    assert isinstance(events[-1], wse.CloseConnection)
-    assert (events[-1].code, events[-1].reason) == (4008, "slow consumer")
+    assert frames[-1].opcode == OP_CLOSE
+    assert (frames[-1].close_code, frames[-1].close_reason) == (4008, "slow consumer")
 
 
 async def test_drop_oldest_keeps_the_newest(autojump_clock: Any) -> None:
@@ -329,7 +329,7 @@ async def test_drop_oldest_keeps_the_newest(autojump_clock: Any) -> None:
         stats = conn.statistics()
         assert conn.state is ConnectionState.OPEN
         assert stats.dropped_frames > 0 and stats.queued_frames <= 10
-        received = [int(await peer.next_message()) for _ in range(100 - stats.dropped_frames)]
+        received = [int(await peer.recv_message()) for _ in range(100 - stats.dropped_frames)]
         assert received == sorted(received) and received[-1] == 99
         nursery.cancel_scope.cancel()
 
@@ -347,7 +347,7 @@ async def test_send_waits_instead_of_tripping_the_policy(autojump_clock: Any) ->
         nursery.start_soon(producer)
         await trio.sleep(10)
         assert not done.is_set() and conn.state is ConnectionState.OPEN
-        assert [await peer.next_message() for _ in range(50)] == [str(i) for i in range(50)]
+        assert [await peer.recv_message() for _ in range(50)] == [str(i) for i in range(50)]
         await done.wait()
         assert not conn.statistics().slow_consumer
         nursery.cancel_scope.cancel()
@@ -360,21 +360,21 @@ async def test_tcp_lines_and_heartbeat_lines(pair: PairFactory) -> None:
     async with trio.open_nursery() as nursery:
         _, peer = await start_tcp(nursery, pair)
         await peer.send_line(b'{"x":1}')
-        assert await peer.next_line() == b'{"X":1}'
+        assert await peer.recv_line() == b'{"X":1}'
         await peer.send_line(b'{"op":"ping","id":3}')
-        assert await peer.next_line() == b'{"id":3,"ok":true,"op":"pong"}'
+        assert await peer.recv_line() == b'{"id":3,"ok":true,"op":"pong"}'
         await peer.send_line(b'{"op":"pong"}')  # swallowed: heartbeat, not a message
         await peer.send_line(b'{"y":2}')
-        assert await peer.next_line() == b'{"Y":2}'
+        assert await peer.recv_line() == b'{"Y":2}'
         nursery.cancel_scope.cancel()
 
 
 async def test_tcp_heartbeat_timeout(pair: PairFactory, autojump_clock: Any) -> None:
     async with trio.open_nursery() as nursery:
         conn, peer = await start_tcp(nursery, pair, ping_interval=25, ping_timeout=10)
-        assert await peer.next_line() == b'{"op":"ping"}'
-        assert await peer.next_line() == b'{"op":"close","code":4002,"reason":"heartbeat timeout"}'
-        assert await peer.next_line() is None  # the server sent EOF after its close line
+        assert await peer.recv_line() == b'{"op":"ping"}'
+        assert await peer.recv_line() == b'{"op":"close","code":4002,"reason":"heartbeat timeout"}'
+        assert await peer.recv_line() is None  # the server sent EOF after its close line
         await peer.stream.aclose()
     assert conn.close_code == 4002
 
@@ -383,8 +383,8 @@ async def test_tcp_line_too_long(pair: PairFactory) -> None:
     async with trio.open_nursery() as nursery:
         conn, peer = await start_tcp(nursery, pair, max_message_size=50)
         await peer.stream.send_all(b"z" * 51)  # no newline yet: the limit holds anyway
-        assert await peer.next_line() == b'{"op":"close","code":1009,"reason":"line too long"}'
-        assert await peer.next_line() is None
+        assert await peer.recv_line() == b'{"op":"close","code":1009,"reason":"line too long"}'
+        assert await peer.recv_line() is None
     assert conn.close_code == 1009
 
 
@@ -392,8 +392,8 @@ async def test_tcp_invalid_utf8(pair: PairFactory) -> None:
     async with trio.open_nursery() as nursery:
         conn, peer = await start_tcp(nursery, pair)
         await peer.send_line(b'{"a":"\xff"}')
-        assert await peer.next_line() == b'{"op":"close","code":1007,"reason":"invalid UTF-8"}'
-        assert await peer.next_line() is None
+        assert await peer.recv_line() == b'{"op":"close","code":1007,"reason":"invalid UTF-8"}'
+        assert await peer.recv_line() is None
     assert conn.close_code == 1007
 
 

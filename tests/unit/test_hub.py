@@ -10,7 +10,8 @@ import trio
 
 from trioserve import Config, Connection, Hub, HubClosed, HubOverloaded, TcpConnection, WebSocketConnection
 
-from .helpers import LinePeer, WSPeer, socket_pair
+from ..peers import NdjsonClient, RawWebSocket
+from .helpers import socket_pair
 
 
 async def _idle(conn: Connection) -> None:
@@ -25,14 +26,14 @@ async def _own(cls: type[Connection], transport: Any, *, task_status: Any) -> No
         await _idle(conn)
 
 
-async def ws_subscriber(nursery: trio.Nursery) -> tuple[Connection, WSPeer]:
+async def ws_subscriber(nursery: trio.Nursery) -> tuple[Connection, RawWebSocket]:
     transport, client = socket_pair()
-    return await nursery.start(_own, WebSocketConnection, transport), WSPeer(client)
+    return await nursery.start(_own, WebSocketConnection, transport), RawWebSocket(client)
 
 
-async def tcp_subscriber(nursery: trio.Nursery) -> tuple[Connection, LinePeer]:
+async def tcp_subscriber(nursery: trio.Nursery) -> tuple[Connection, NdjsonClient]:
     transport, client = socket_pair()
-    return await nursery.start(_own, TcpConnection, transport), LinePeer(client)
+    return await nursery.start(_own, TcpConnection, transport), NdjsonClient(client)
 
 
 async def started_hub(nursery: trio.Nursery, **kwargs: Any) -> Hub:
@@ -81,12 +82,12 @@ async def test_burst_goes_out_as_one_batch_in_order() -> None:
         assert hub.statistics().batches == 1
         assert hub.statistics().deliveries == 500
         for conn, ws_peer in ws_conns:
-            msgs = [orjson.loads(await ws_peer.next_message()) for _ in range(100)]
+            msgs = [orjson.loads(await ws_peer.recv_message()) for _ in range(100)]
             assert [m["offset"] for m in msgs] == list(range(1, 101))
             assert msgs[7] == {"op": "pub", "topic": "t", "offset": 8, "data": {"i": 7}}
             assert conn.statistics().messages_out == 100
         for _, line_peer in tcp_conns:
-            lines = [orjson.loads(await line_peer.next_line() or b"") for _ in range(100)]
+            lines = [orjson.loads(await line_peer.recv_line() or b"") for _ in range(100)]
             assert [m["offset"] for m in lines] == list(range(1, 101))
         nursery.cancel_scope.cancel()
 
@@ -99,7 +100,7 @@ async def test_each_publication_alone_when_idle() -> None:
         hub.subscribe(conn, "t")
         for i in range(3):
             hub.publish_nowait("t", i)
-            assert orjson.loads(await peer.next_message())["data"] == i
+            assert orjson.loads(await peer.recv_message())["data"] == i
         assert hub.statistics().batches == 3
         nursery.cancel_scope.cancel()
 
@@ -113,8 +114,8 @@ async def test_topics_in_one_batch_reach_only_their_subscribers() -> None:
         for i in range(10):
             hub.publish_nowait("a" if i % 2 else "b", i)
         await hub.flush()
-        got_a = [orjson.loads(await peer_a.next_message())["data"] for _ in range(5)]
-        got_b = [orjson.loads(await peer_b.next_message())["data"] for _ in range(5)]
+        got_a = [orjson.loads(await peer_a.recv_message())["data"] for _ in range(5)]
+        got_b = [orjson.loads(await peer_b.recv_message())["data"] for _ in range(5)]
         assert got_a == [1, 3, 5, 7, 9] and got_b == [0, 2, 4, 6, 8]
         nursery.cancel_scope.cancel()
 
@@ -154,7 +155,7 @@ async def test_closed_hub_refuses_but_delivers_what_it_took() -> None:
             await hub.publish("t", "after")
         await nursery.start(hub.run)
         await hub.flush()
-        assert orjson.loads(await peer.next_message())["data"] == "before"
+        assert orjson.loads(await peer.recv_message())["data"] == "before"
         nursery.cancel_scope.cancel()
 
 
@@ -166,6 +167,6 @@ async def test_large_batches_are_split_but_ordered() -> None:
         blob = "x" * 10_000
         for i in range(60):  # ~600 KB: more than one MAX_BATCH_BYTES chunk
             hub.publish_nowait("t", [i, blob])
-        offsets = [orjson.loads(await peer.next_message())["offset"] for _ in range(60)]
+        offsets = [orjson.loads(await peer.recv_message())["offset"] for _ in range(60)]
         assert offsets == list(range(1, 61))
         nursery.cancel_scope.cancel()
