@@ -349,9 +349,13 @@ class Publisher:
     replies: dict[int, dict[str, Any]] = attrs.Factory(dict)
     close_code: int | None = None
     closed: trio.Event = attrs.Factory(trio.Event)
+    # The reader answers pings and the server's close while a test task is
+    # publishing, and a trio stream takes one sender at a time: every send holds this.
+    sending: trio.Lock = attrs.Factory(trio.Lock)
 
     async def publish(self, topic: str, i: int, data: Any) -> None:
-        await self.ws.send_json({"op": "publish", "topic": topic, "data": data, "id": i})
+        async with self.sending:
+            await self.ws.send_json({"op": "publish", "topic": topic, "data": data, "id": i})
 
     async def read(self) -> None:
         try:
@@ -362,10 +366,12 @@ class Publisher:
                     if isinstance(msg.get("id"), int):
                         self.replies[msg["id"]] = msg
                 elif f.opcode == OP_PING:
-                    await self.ws.send_frame(OP_PONG, f.payload)
+                    async with self.sending:
+                        await self.ws.send_frame(OP_PONG, f.payload)
                 elif f.opcode == OP_CLOSE:
                     self.close_code = f.close_code
-                    await self.ws.send_close(f.close_code or 1000)
+                    async with self.sending:
+                        await self.ws.send_close(f.close_code or 1000)
                     break
         except Exception:
             pass
