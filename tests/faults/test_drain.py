@@ -97,10 +97,10 @@ def check_drain(d: dict[str, Any]) -> None:
     assert d["accepted_offsets_contiguous"], d
 
 
-async def test_sigterm_mid_burst_memory_broker_delivers_everything_accepted(tmp_path: Path) -> None:
+async def test_sigterm_mid_burst_memory_broker_delivers_everything_accepted() -> None:
     burst = 2000
     with trio.fail_after(180):
-        async with load_clients(2, tmp_path) as clients:
+        async with load_clients(2) as clients:
             async with run_server("--client-publish", "--drain-timeout", str(DRAIN_TIMEOUT)) as server:
                 subs = await clients.subscribe(server.port, TOPIC, SUBSCRIBERS, reconnect=False)
                 assert sum(r["subscribed"] for r in subs) == SUBSCRIBERS, subs
@@ -132,7 +132,7 @@ REDIS_BURST = env_int("TRIOSERVE_FAULTS_REDIS_BURST", 200)
 async def test_sigterm_mid_burst_redis_broker_restart_loses_nothing(tmp_path: Path) -> None:
     port = free_port()
     with trio.fail_after(240):
-        async with redis_server(tmp_path) as redis, load_clients(2, tmp_path) as clients:
+        async with redis_server(tmp_path) as redis, load_clients(2) as clients:
             args = ["--broker", redis.url, "--client-publish", "--drain-timeout", str(DRAIN_TIMEOUT),
                     "--history-size", "5000"]
             async with run_server(*args, port=port) as first:

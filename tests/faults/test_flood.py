@@ -11,7 +11,6 @@ receiving.
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import pytest
 import trio
@@ -39,10 +38,10 @@ TCP_FLOOD = 1000
 TOPIC = "news"
 
 
-async def test_flood_above_max_connections(tmp_path: Path) -> None:
+async def test_flood_above_max_connections() -> None:
     tcp_port = free_port()
     with trio.fail_after(120):
-        async with load_clients(2, tmp_path) as clients, run_server(
+        async with load_clients(2) as clients, run_server(
                 "--max-connections", str(MAX_CONNECTIONS), "--tcp-port", str(tcp_port)) as server:
             subs = await clients.ask([
                 {"op": "subscribe", "host": "127.0.0.1", "port": server.port, "topic": TOPIC,

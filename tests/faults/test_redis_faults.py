@@ -86,7 +86,7 @@ async def check_history(port: int, log: PublishLog, final: int) -> dict[str, Any
 
 async def test_redis_paused_mid_stream(tmp_path: Path) -> None:
     with trio.fail_after(120 + PAUSE):
-        async with redis_server(tmp_path) as redis, load_clients(1, tmp_path) as clients:
+        async with redis_server(tmp_path) as redis, load_clients(1) as clients:
             async with run_server(*server_args(redis.url)) as server:
                 subs = await clients.subscribe(server.port, TOPIC, SUBSCRIBERS, backoff=0.2, backoff_max=1.0)
                 assert sum(r["subscribed"] for r in subs) == SUBSCRIBERS, subs
@@ -129,7 +129,7 @@ async def restart_redis(tmp_path: Path, persistent: bool) -> dict[str, Any]:
     downtime = 3.0
     with trio.fail_after(150):
         async with redis_server(tmp_path, persistent=persistent) as redis, \
-                load_clients(1, tmp_path) as clients:
+                load_clients(1) as clients:
             async with run_server(*server_args(redis.url)) as server:
                 subs = await clients.subscribe(server.port, TOPIC, SUBSCRIBERS, backoff=0.2, backoff_max=1.0)
                 assert sum(r["subscribed"] for r in subs) == SUBSCRIBERS, subs

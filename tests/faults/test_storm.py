@@ -39,7 +39,7 @@ TOPIC = "storm"
 async def test_reconnect_storm_after_a_restart(tmp_path: Path) -> None:
     port = free_port()
     with trio.fail_after(180):
-        async with redis_server(tmp_path) as redis, load_clients(2, tmp_path) as clients:
+        async with redis_server(tmp_path) as redis, load_clients(2) as clients:
             args = ["--broker", redis.url]
             async with run_server(*args, port=port) as first:
                 subs = await clients.subscribe(port, TOPIC, SUBSCRIBERS, backoff=0.3, backoff_max=1.0)

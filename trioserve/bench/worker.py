@@ -34,7 +34,8 @@ from typing import Any
 
 from .hist import Recorder, encode
 from .pool import describe, own_cpu
-from .wsclient import Deliveries, ProtocolError, PushClient, open_client
+from .subscriber import Sub, subscribe
+from .wsclient import Deliveries, PushClient, open_client
 
 
 def rss_bytes() -> int:
@@ -44,41 +45,6 @@ def rss_bytes() -> int:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
         return 0
-
-
-class Sub:
-    """One subscriber across its reconnects (a storm replaces its client)."""
-
-    __slots__ = (
-        "base_dups",
-        "base_gaps",
-        "base_received",
-        "client",
-        "epoch",
-        "reconnects",
-        "recovered",
-        "src_ip",
-        "start_offset",
-        "topic",
-        "unrecovered",
-    )
-
-    def __init__(self, client: PushClient, src_ip: str | None, topic: str | None) -> None:
-        self.client = client
-        self.src_ip = src_ip
-        self.topic = topic
-        self.start_offset = 0
-        self.epoch: Any = None
-        self.base_received = self.base_gaps = self.base_dups = 0
-        self.recovered = self.unrecovered = self.reconnects = 0
-
-    @property
-    def received(self) -> int:
-        return self.base_received + self.client.burst_count
-
-    @property
-    def is_open(self) -> bool:
-        return not self.client.closed.done()
 
 
 class BenchWorker:
@@ -120,35 +86,7 @@ class BenchWorker:
                                  timeout, t["path"])
 
     async def _subscribe(self, sub: Sub, timeout: float, since: dict[str, Any] | None = None) -> None:
-        assert sub.topic is not None
-        cmd: dict[str, Any] = {"op": "subscribe", "topic": sub.topic}
-        if since is not None:
-            cmd["since"] = since
-        client = sub.client
-
-        def apply(reply: dict[str, Any]) -> None:
-            # Runs as the reply is parsed: live publications may follow it in the same read.
-            if reply.get("ok") is not True:
-                return
-            offset = int(reply["offset"])
-            if since is None:
-                sub.start_offset = offset
-                client.last_offset = offset
-            elif reply.get("recovered") is True:
-                now = time.monotonic()
-                pubs = reply.get("publications") or []
-                for pub in pubs:
-                    client.account(pub, now)
-                sub.recovered += len(pubs)
-            else:
-                sub.unrecovered += max(0, offset - client.last_offset)
-            client.last_offset = max(client.last_offset, offset)
-            sub.epoch = reply.get("epoch")
-
-        reply = await client.request(cmd, timeout, apply)
-        if reply.get("ok") is not True:
-            error = reply.get("error") or {}
-            raise ProtocolError(f"subscribe refused: {error.get('code', reply)}")
+        await subscribe(sub, timeout, since)
 
     # -- commands ----------------------------------------------------------------
 
@@ -311,26 +249,20 @@ class BenchWorker:
         times: list[float] = []
 
         async def reconnect(sub: Sub) -> None:
-            old = sub.client
-            old.abort()
-            sub.base_received += old.burst_count
-            sub.base_gaps += old.gaps
-            sub.base_dups += old.dups
-            old.burst_count = old.gaps = old.dups = 0
+            sub.client.abort()
             t0 = time.monotonic()
             async with sem:
                 try:
-                    sub.client = await self._open(sub.src_ip, timeout)
+                    client = await self._open(sub.src_ip, timeout)
                 except Exception as exc:
                     self.errors[f"reconnect: {describe(exc)}"] += 1
                     result["failed"] += 1
                     return
-                sub.client.last_offset = old.last_offset
-                sub.reconnects += 1
+                since = {"epoch": sub.epoch, "offset": sub.client.last_offset}
+                sub.replace(client)
                 before = sub.unrecovered
                 try:
-                    await self._subscribe(
-                        sub, timeout, since={"epoch": sub.epoch, "offset": old.last_offset})
+                    await self._subscribe(sub, timeout, since)
                 except Exception as exc:
                     self.errors[f"resubscribe: {describe(exc)}"] += 1
                     result["failed"] += 1

@@ -45,7 +45,14 @@ _PONG_LINE = b'{"op":"pong"}\n'
 
 
 class ProtocolError(Exception):
-    """The server broke the WebSocket protocol or the benchmark contract."""
+    """The server broke the WebSocket protocol or the benchmark contract.
+
+    ``status`` is the HTTP status of a refused upgrade (a flood counts 503s), else 0.
+    """
+
+    def __init__(self, message: str, status: int = 0) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 def mask_payload(payload: bytes) -> bytes:
@@ -86,9 +93,13 @@ class Deliveries:
         "per_conn",
         "received",
         "remaining",
+        "stamped",
     )
 
-    def __init__(self) -> None:
+    def __init__(self, stamped: bool = True) -> None:
+        # False when the publications carry no ``{"t": <monotonic>}`` stamp (the
+        # fault tests publish their own data): deliveries are counted, not timed.
+        self.stamped = stamped
         self.lat = array("d")  # seconds from the publisher's stamp to the read
         self.remaining = 0
         self.received = 0
@@ -146,6 +157,9 @@ class PushClient(asyncio.BufferedProtocol):
         self.dups = 0
         self.unexpected = 0
         self.close_reason = ""
+        # The server's close code (WebSocket close frame or NDJSON close line);
+        # None while open, or when the connection ended without one.
+        self.close_code: int | None = None
 
     # -- asyncio callbacks -------------------------------------------------
 
@@ -186,7 +200,8 @@ class PushClient(asyncio.BufferedProtocol):
                     self.unexpected += 1
                     return
                 self.burst_count += 1
-                d.lat.append(now - msg["data"]["t"])
+                if d.stamped:
+                    d.lat.append(now - msg["data"]["t"])
                 d.received += 1
                 d.last_recv = now
                 d.remaining -= 1
@@ -220,10 +235,10 @@ class PushClient(asyncio.BufferedProtocol):
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(data)
 
-    def _fail(self, reason: str) -> None:
+    def _fail(self, reason: str, status: int = 0) -> None:
         self.close_reason = reason
         if not self.handshake.done():
-            self.handshake.set_exception(ProtocolError(reason))
+            self.handshake.set_exception(ProtocolError(reason, status))
         if self.transport is not None:
             self.transport.abort()
 
@@ -343,7 +358,8 @@ class WsClient(PushClient):
         lines = head.split(b"\r\n")
         parts = lines[0].split(b" ", 2)
         if len(parts) < 2 or parts[1] != b"101":
-            self._fail(f"upgrade refused: {lines[0].decode(errors='replace')}")
+            status = int(parts[1]) if len(parts) >= 2 and parts[1].isdigit() else 0
+            self._fail(f"upgrade refused: {lines[0].decode(errors='replace')}", status)
             return b""
         expected = base64.b64encode(hashlib.sha1(self.key + GUID).digest())
         headers = {}
@@ -363,6 +379,7 @@ class WsClient(PushClient):
             self._write(encode_frame(payload, OP_PONG))
         elif opcode == OP_CLOSE:
             code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else 1005
+            self.close_code = code
             self.close_reason = f"close {code} {payload[2:64].decode(errors='replace')}".rstrip()
             self._write(encode_frame(payload[:2], OP_CLOSE))
             if self.transport is not None:
@@ -416,7 +433,9 @@ class TcpClient(PushClient):
         if op == "ping":
             self._write(_PONG_LINE)
         elif op == "close":
-            self.close_reason = f"close {msg.get('code')} {msg.get('reason', '')}".rstrip()
+            code = msg.get("code")
+            self.close_code = code if isinstance(code, int) else None
+            self.close_reason = f"close {code} {msg.get('reason', '')}".rstrip()
         else:
             self.unexpected += 1
 
@@ -424,14 +443,9 @@ class TcpClient(PushClient):
         self._write(orjson.dumps(obj) + b"\n")
 
 
-async def open_client(
-    scheme: str, host: str, port: int, src_ip: str | None, deliveries: Deliveries | None,
-    timeout: float, path: str = "/ws",
-) -> PushClient:
-    """Connect from ``src_ip`` and, for WebSocket, complete the upgrade within ``timeout``."""
-    loop = asyncio.get_running_loop()
+def bound_socket(src_ip: str | None) -> socket.socket:
+    """A non-blocking TCP socket that will connect from ``src_ip`` (any address if None)."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    proto: PushClient | None = None
     try:
         if src_ip:
             # Defer the port choice to connect() so uniqueness is per 4-tuple;
@@ -440,6 +454,21 @@ async def open_client(
             sock.setsockopt(socket.SOL_IP, IP_BIND_ADDRESS_NO_PORT, 1)
             sock.bind((src_ip, 0))
         sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+async def open_client(
+    scheme: str, host: str, port: int, src_ip: str | None, deliveries: Deliveries | None,
+    timeout: float, path: str = "/ws",
+) -> PushClient:
+    """Connect from ``src_ip`` and, for WebSocket, complete the upgrade within ``timeout``."""
+    loop = asyncio.get_running_loop()
+    sock = bound_socket(src_ip)
+    proto: PushClient | None = None
+    try:
         async with asyncio.timeout(timeout):
             await loop.sock_connect(sock, (host, port))
             if scheme == "tcp":
