@@ -28,8 +28,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from trioserve.bench.pool import worker_main
 
+from ..peers import OP_CLOSE, OP_PING, OP_PONG, OP_TEXT, RawWebSocket, http_request
 from ..serverproc import LISTENING, STARTUP_TIMEOUT, ServerProcess, trioserve_process
-from ..system.helpers import OP_CLOSE, OP_PING, OP_PONG, OP_TEXT, RawWebSocket, http_request
 from .loadclient import FaultWorker
 
 #: Figures recorded by the tests, printed at the end of the run (conftest) and

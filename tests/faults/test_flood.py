@@ -15,7 +15,7 @@ import time
 import pytest
 import trio
 
-from ..system.helpers import RawWebSocket, http_request
+from ..peers import RawWebSocket, http_request
 from .helpers import (
     PublishLog,
     free_port,

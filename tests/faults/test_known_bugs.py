@@ -12,7 +12,7 @@ import pytest
 import trio
 
 from ..conftest import RedisServer
-from ..system.helpers import OP_CLOSE, RawWebSocket
+from ..peers import OP_CLOSE, RawWebSocket
 
 pytestmark = pytest.mark.faults
 

@@ -14,7 +14,7 @@ import pytest
 import trio
 import trio.testing
 
-from ..system.helpers import OP_PING, OP_PONG, OP_TEXT, ByteReader, Frame, RawWebSocket, encode_frame
+from ..peers import OP_PING, OP_PONG, OP_TEXT, ByteReader, Frame, RawWebSocket, encode_frame
 from .helpers import Publisher
 
 pytestmark = pytest.mark.faults

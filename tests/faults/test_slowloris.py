@@ -19,7 +19,7 @@ import time
 import pytest
 import trio
 
-from ..system.helpers import RawWebSocket, http_request
+from ..peers import RawWebSocket, http_request
 from .helpers import (
     cpu_seconds,
     env_int,

@@ -8,14 +8,7 @@ from typing import Any
 import trio
 import trio_websocket
 
-# Re-exported ("as" names) because tests/faults still imports them from here; it
-# is being reworked separately, and they go once it imports tests/peers.py.
-from ..peers import OP_CLOSE as OP_CLOSE
-from ..peers import OP_PING as OP_PING
-from ..peers import OP_PONG as OP_PONG
-from ..peers import OP_TEXT as OP_TEXT
-from ..peers import RawWebSocket as RawWebSocket
-from ..peers import http_request as http_request
+from ..peers import RawWebSocket
 
 
 async def wait_until(predicate: Callable[[], bool], timeout: float = 10.0, what: str = "") -> None:

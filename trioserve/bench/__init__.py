@@ -1,7 +1,8 @@
 """``trioserve bench``: a multi-process load tester for trioserve servers (docs/bench.md).
 
 - ``cli.py``: the ``bench`` click command, which ``trioserve.ops.cli`` adds to ``trioserve``;
-- ``runner.py``: the orchestrator (phases, polling); ``publisher.py``: the publishers;
+- ``options.py``: the options, their checks and the plan; ``runner.py``: the orchestrator
+  (phases, polling); ``publisher.py``: the publishers;
 - ``worker.py``: a load-client process; ``pool.py``: starting and driving those processes;
 - ``subscriber.py``: subscribers that keep their place in a topic across reconnects;
 - ``wsclient.py``: the cheap hand-parsed WebSocket / NDJSON client connections;

@@ -1,7 +1,4 @@
-"""Formatting and machine description shared by ``trioserve bench`` and ``benchmarks/fanout.py``.
-
-Moved here from ``benchmarks/report.py``.
-"""
+"""Formatting and machine description shared by ``trioserve bench`` and ``benchmarks/fanout.py``."""
 
 from __future__ import annotations
 

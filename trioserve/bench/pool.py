@@ -12,8 +12,8 @@ picklable factory (a module-level class): command ``{"op": "x", ...}`` calls
 ``handler.op_x(cmd)`` (sync or async), whose dict is the reply. ``close()``
 runs when the worker exits.
 
-Moved here from ``benchmarks/loadclient.py``; ``benchmarks/fanout.py`` and
-``trioserve bench`` both use it. Every wait has a deadline.
+``benchmarks/fanout.py``, ``trioserve bench`` and the fault tests all use
+it. Every wait has a deadline.
 """
 
 from __future__ import annotations

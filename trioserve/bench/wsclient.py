@@ -14,8 +14,7 @@ Two framings speak the same push protocol (docs/protocol.md):
 - :class:`TcpClient`: newline-delimited JSON; the server's ``{"op":"ping"}``
   line is answered with ``{"op":"pong"}``.
 
-Moved here from ``benchmarks/wsclient.py``; ``benchmarks/fanout.py`` and
-``trioserve bench`` both use it.
+``benchmarks/fanout.py``, ``trioserve bench`` and the fault tests all use it.
 """
 
 from __future__ import annotations
