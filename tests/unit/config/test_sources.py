@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from trioserve.config import Config, ConfigError, HistoryRule, SlowConsumerPolicy, load_config
 from trioserve.config.sources import OPTIONS, Kind, render_config
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 SECRET = "unit-test-secret-0123456789-0123456789"
 
 

@@ -25,8 +25,8 @@ from trioserve import (
 from trioserve.net.heartbeat import Heartbeats
 from trioserve.protocol import websocket
 
-from ..peers import OP_BINARY, OP_CLOSE, OP_CONT, OP_PING, OP_PONG, OP_TEXT, NdjsonClient, RawWebSocket
-from .helpers import PairFactory, memory_pair, socket_pair
+from ...peers import OP_BINARY, OP_CLOSE, OP_CONT, OP_PING, OP_PONG, OP_TEXT, NdjsonClient, RawWebSocket
+from ..helpers import PairFactory, memory_pair, socket_pair
 
 
 @pytest.fixture(params=["socket", "memory"])
