@@ -6,7 +6,9 @@ from typing import Any
 
 import trio
 
-from ..helpers import PairFactory, start_tcp
+from trioserve import Config, Connection, TcpConnection
+
+from ..helpers import PairFactory, memory_pair, start_tcp
 
 
 async def test_tcp_lines_and_heartbeat_lines(pair: PairFactory) -> None:
@@ -48,3 +50,27 @@ async def test_tcp_invalid_utf8(pair: PairFactory) -> None:
         assert await peer.recv_line() == b'{"op":"close","code":1007,"reason":"invalid UTF-8"}'
         assert await peer.recv_line() is None
     assert conn.close_code == 1007
+
+
+async def test_a_message_is_its_line() -> None:
+    transport, _client = memory_pair()
+    async with trio.open_nursery() as nursery:
+        conn = TcpConnection(transport, Config(), nursery, "peer")
+        assert conn.frame('{"a":"\u00e9"}') == b'{"a":"\xc3\xa9"}\n'
+        assert conn.frame(b'{"b":1}') == b'{"b":1}\n'
+        assert conn.framing.frame_batch((b"1", b"2")) == b"1\n2\n"
+
+
+async def test_our_close_is_a_close_line_then_eof_and_the_peers_eof_ends_it(
+        pair: PairFactory, autojump_clock: Any) -> None:
+    async def close_at_once(conn: Connection) -> None:
+        await conn.close(1001)
+
+    async with trio.open_nursery() as nursery:
+        conn, peer = await start_tcp(nursery, pair, close_at_once, close_timeout=5)
+        start = trio.current_time()
+        assert await peer.recv_line() == b'{"op":"close","code":1001,"reason":"going away"}'
+        assert await peer.recv_line() is None
+        await peer.stream.aclose()  # the peer's EOF answers the close
+    assert trio.current_time() == start
+    assert conn.closed and conn.close_code == 1001  # ours, not 1006 for the EOF
