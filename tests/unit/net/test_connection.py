@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
 from trioserve import CloseCode, Config, Connection, ConnectionClosed, ConnectionState, WebSocketConnection
 from trioserve.net.heartbeat import Heartbeats
@@ -149,7 +150,7 @@ async def test_closing_under_a_waiting_writer_and_reader_raises_nothing() -> Non
                                     queue_max_bytes=10**8, queue_max_frames=10**6)
         for _ in range(2000):  # far more than the socket buffers hold: the writer waits
             conn.send_prepared(websocket.text_frame(b"z" * 1000))
-        await trio.sleep(0.01)
+        await trio.testing.wait_all_tasks_blocked()  # the writer is in, waiting for room
         assert conn.statistics().queued_frames > 0, conn.statistics()
         conn.abort()
     await peer.stream.aclose()
