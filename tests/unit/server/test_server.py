@@ -11,7 +11,7 @@ import trio
 
 from trioserve import CloseCode, Connection
 
-from ..peers import OP_CLOSE, OP_TEXT, RawWebSocket, http_request
+from ...peers import OP_CLOSE, OP_TEXT, RawWebSocket, http_request
 
 
 async def subscribe(peer: RawWebSocket, topic: str) -> None:

@@ -1,57 +1,26 @@
-"""Config validation and loading: file < environment < overrides, and one-line errors."""
+"""Loading a Config: file < environment < overrides, each source's own parsing, and
+one-line errors that name the source; and genconfig's file."""
 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import attrs
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
-from trioserve.config import Config, ConfigError, HistoryRule, SlowConsumerPolicy, load_config
+from trioserve.config import Config, HistoryRule, SlowConsumerPolicy, load_config
 from trioserve.config.sources import OPTIONS, Kind, render_config
 
-REPO = Path(__file__).resolve().parents[2]
-SECRET = "unit-test-secret-0123456789-0123456789"
+from .helpers import SECRET, config_error
 
-
-def _public_pem(key: Any) -> str:
-    return str(key.public_key().public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode())
-
-
-@pytest.fixture(scope="module")
-def rsa_pem() -> str:
-    return _public_pem(rsa.generate_private_key(public_exponent=65537, key_size=2048))
-
-
-@pytest.fixture(scope="module")
-def ec_pem() -> str:
-    return _public_pem(ec.generate_private_key(ec.SECP256R1()))
+REPO = Path(__file__).resolve().parents[3]
 
 
 def write(tmp_path: Path, text: str, name: str = "trioserve.toml") -> Path:
     path = tmp_path / name
     path.write_text(text, encoding="utf-8")
     return path
-
-
-def config_error(match: str, *, path: Path | None = None, env: Mapping[str, str] | None = None,
-                 overrides: Mapping[str, Any] | None = None, **config: Any) -> str:
-    """The one-line message of the ConfigError that loading (or Config(**config)) raises."""
-    with pytest.raises(ConfigError) as info:
-        if config:
-            Config(**config)
-        else:
-            load_config(path, env or {}, overrides)
-    message = str(info.value)
-    assert "\n" not in message, message
-    assert re.search(match, message), message
-    return message
 
 
 # --- defaults and precedence -----------------------------------------------------------------
@@ -192,73 +161,7 @@ def test_unrelated_prefixed_variables_are_ignored() -> None:
     assert load_config(None, {"TRIOSERVE_URL": "ws://x", "TRIOSERVE_TOKEN": "t"}) == Config()
 
 
-# --- auth ------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(("config", "allowed"), [
-    ({}, True),
-    ({"token_secret": SECRET}, False),
-    ({"token_secret": SECRET, "anonymous": True}, True),
-    ({"anonymous": True}, True),
-    ({"token_secret": SECRET, "anonymous": False}, False),
-])
-def test_anonymous_allowed_resolution(config: dict[str, Any], allowed: bool) -> None:
-    cfg = Config(**config)
-    assert cfg.anonymous_allowed is allowed
-    assert cfg.auth_enabled is ("token_secret" in config)
-
-
-def test_anonymous_false_without_a_key_would_lock_everyone_out() -> None:
-    config_error(r"anonymous is false but no token_secret or token_public_key", anonymous=False)
-
-
-def test_default_algorithms_follow_the_key(rsa_pem: str) -> None:
-    assert Config().effective_token_algorithms == ()
-    assert Config(token_secret=SECRET).effective_token_algorithms == ("HS256",)
-    assert Config(token_public_key=rsa_pem).effective_token_algorithms == ("RS256", "ES256")
-    assert Config(token_secret=SECRET, token_algorithms=["HS512"]).effective_token_algorithms == ("HS512",)
-    assert Config(token_public_key=rsa_pem, token_algorithms=("PS256",)).token_algorithms == ("PS256",)
-
-
-@pytest.mark.parametrize(("algorithms", "match"), [
-    (("none",), r"must not contain 'none'"),
-    (("HS256", "None"), r"must not contain 'none'"),
-    (("hs256",), r"unknown algorithm 'hs256'; did you mean 'HS256'\?"),
-    (("EdDSA",), r"unknown algorithm 'EdDSA' \(supported: HS256, "),
-    (("RS256",), r"token_algorithms has RS256, which needs token_public_key"),
-    ((), r"token_algorithms is empty"),
-])
-def test_bad_algorithms_with_a_secret(algorithms: tuple[str, ...], match: str) -> None:
-    config_error(match, token_secret=SECRET, token_algorithms=algorithms)
-
-
-def test_algorithm_confusion_is_refused(rsa_pem: str, ec_pem: str) -> None:
-    # An HS algorithm beside a public key would let the public key act as an HMAC secret.
-    config_error(r"token_algorithms has HS256, which needs token_secret",
-                 token_public_key=rsa_pem, token_algorithms=("RS256", "HS256"))
-    config_error(r"token_secret and token_public_key are both set", token_secret=SECRET,
-                 token_public_key=rsa_pem)
-    config_error(r"token_algorithms has ES256, which token_public_key \(RSA\) cannot verify",
-                 token_public_key=rsa_pem, token_algorithms=("ES256",))
-    config_error(r"token_algorithms has RS256, which token_public_key \(EC\) cannot verify",
-                 token_public_key=ec_pem, token_algorithms=("RS256",))
-    config_error(r"token_algorithms has HS256, which needs token_secret", token_algorithms=("HS256",))
-
-
-def test_public_key_must_be_a_public_pem() -> None:
-    private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    private_pem = private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                        serialization.NoEncryption()).decode()
-    config_error(r"holds a private key; give the server only the public half", token_public_key=private_pem)
-    config_error(r"not a PEM public key", token_public_key="ssh-rsa AAAA")
-    config_error(r"use an RSA \(RS\*/PS\*\) or EC \(ES\*\) key",
-                 token_public_key=_public_pem(ed25519.Ed25519PrivateKey.generate()))
-
-
-def test_token_claims_need_a_key() -> None:
-    config_error(r"token_audience is set but no token_secret or token_public_key", token_audience="a")
-    config_error(r"token_issuer is set but no", token_issuer="i")
-    config_error(r"token_secret is empty; leave it unset", token_secret="")
+# --- the token's public key file -------------------------------------------------------------
 
 
 def test_public_key_file_is_relative_to_the_config_file(tmp_path: Path, rsa_pem: str) -> None:
@@ -280,23 +183,6 @@ def test_a_later_source_replaces_the_key_or_key_file(tmp_path: Path, rsa_pem: st
     file_with_key = write(tmp_path, f'token_public_key = """{rsa_pem}"""\n', "k.toml")
     env = {"TRIOSERVE_TOKEN_PUBLIC_KEY_FILE": str(tmp_path / "ec.pem")}
     assert load_config(file_with_key, env).token_public_key == ec_pem
-
-
-@pytest.mark.parametrize(("origin", "match"), [
-    ("https://example.com/", r"drop the path"),
-    ("https://example.com/app", r"drop the path"),
-    ("example.com", r"must be scheme://host\[:port\]"),
-    ("https://*.example.com", r"wildcards inside an origin are not supported"),
-    ("https://example.com:443", r"drop the default port :443"),
-    ("https://example.com:99999", r"invalid port"),
-])
-def test_bad_origins(origin: str, match: str) -> None:
-    config_error(match, allowed_origins=[origin])
-
-
-def test_origins_are_normalised_to_lower_case() -> None:
-    cfg = Config(allowed_origins=["HTTPS://App.Example.com:8443", "*"])
-    assert cfg.allowed_origins == ("https://app.example.com:8443", "*")
 
 
 # --- history and presence --------------------------------------------------------------------
@@ -341,21 +227,6 @@ ttl = 1
 ])
 def test_bad_history_rules(tmp_path: Path, table: str, match: str) -> None:
     config_error(match, path=write(tmp_path, f"[[history_rules]]\n{table}\n"))
-
-
-def test_history_rules_from_mappings() -> None:
-    cfg = Config(history_rules=[{"pattern": "a.*", "size": 3, "ttl": 4.0}])
-    assert cfg.history_rules == (HistoryRule("a.*", 3, 4.0),)
-    config_error(r"must have exactly pattern, size and ttl", history_rules=[{"pattern": "a"}])
-
-
-def test_presence_events_for() -> None:
-    cfg = Config(presence_events=["room.*", "lobby"])
-    assert cfg.presence_events_for("room.1") and cfg.presence_events_for("lobby")
-    assert not cfg.presence_events_for("lobby.2") and not cfg.presence_events_for("news")
-    assert not Config().presence_events_for("room.1")
-    config_error(r"presence_events entry 'room 1' is not a topic pattern", presence_events=["room 1"])
-    config_error(r"presence_events must be a list of strings", presence_events="room.*")
 
 
 # --- genconfig -------------------------------------------------------------------------------

@@ -10,8 +10,8 @@ import trio
 
 from trioserve import Config, Connection, Hub, HubClosed, HubOverloaded, TcpConnection, WebSocketConnection
 
-from ..peers import NdjsonClient, RawWebSocket
-from .helpers import socket_pair
+from ...peers import NdjsonClient, RawWebSocket
+from ..helpers import socket_pair
 
 
 async def _idle(conn: Connection) -> None:

@@ -12,7 +12,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from trioserve.protocol.claims import ANONYMOUS, AuthError, Claims
+from trioserve.protocol.claims import AuthError
 from trioserve.server.auth import Authenticator
 
 SECRET = "s3cret-for-tests-only-0123456789abcdef"
@@ -140,8 +140,3 @@ def test_key_and_algorithm_must_match() -> None:
         Authenticator(secret=SECRET, algorithms=["none"])
     with pytest.raises(ValueError):
         Authenticator()
-
-
-def test_anonymous_claims() -> None:
-    assert ANONYMOUS.anonymous and ANONYMOUS.may_subscribe("any.topic") and ANONYMOUS.presence
-    assert isinstance(ANONYMOUS, Claims)
