@@ -287,7 +287,7 @@ def test_limits_and_tls_from_file_environment_and_flags(tmp_path: Any) -> None:
     assert config.certfile == str(tmp_path / "tls" / "cert.pem")
     assert config.keyfile == str(tmp_path / "tls" / "key.pem")
 
-    with pytest.raises(ConfigError, match="rate_burst must be a positive number"):
+    with pytest.raises(ConfigError, match="rate_burst must be a positive integer"):
         Config(rate_burst=0)
     with pytest.raises(ConfigError, match="max_connections_per_ip must be an integer >= 0"):
         Config(max_connections_per_ip=-1)

@@ -59,8 +59,15 @@ def _is_number(value: object) -> bool:
 
 
 def check_positive(inst: object, attr: attrs.Attribute[Any], value: Any) -> None:
-    if value is not None and not (isinstance(value, (int, float)) and value > 0):
-        raise ConfigError(f"{attr.name} must be a positive number, got {value!r}")
+    if value is None:
+        return
+    # Config's annotations are strings ("int", "float", "int | None"): the field says
+    # whether a fraction makes sense (1.5 bytes does not).
+    if "float" in str(attr.type):
+        if not (_is_number(value) and value > 0):
+            raise ConfigError(f"{attr.name} must be a positive number, got {value!r}")
+    elif not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+        raise ConfigError(f"{attr.name} must be a positive integer, got {value!r}")
 
 
 def check_not_negative(inst: object, attr: attrs.Attribute[Any], value: Any) -> None:

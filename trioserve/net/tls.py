@@ -8,6 +8,7 @@ zero-copy :class:`~trioserve.net.transport.SocketTransport`.
 
 from __future__ import annotations
 
+import os
 import ssl
 
 from ..config import Config, ConfigError
@@ -27,6 +28,10 @@ def server_context(config: Config) -> ssl.SSLContext:
     if certfile is None:
         raise ConfigError("TLS needs certfile")
     keyfile = config.keyfile
+    # Checked first: load_cert_chain's FileNotFoundError does not say which file.
+    for path in (certfile, keyfile):
+        if path is not None and not os.path.exists(path):
+            raise ConfigError(f"TLS: {path!r} not found (certfile / keyfile)")
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     try:

@@ -22,7 +22,8 @@ def api_routes(ctx: HubContext) -> dict[tuple[str, str], RouteHandler]:
         if key is None:
             return None
         given = req.header(b"authorization") or b""
-        if hmac.compare_digest(given, b"Bearer " + key.encode()):
+        # The scheme is case-insensitive (RFC 9110 11.1); the key is compared in constant time.
+        if given[:7].lower() == b"bearer " and hmac.compare_digest(given[7:], key.encode()):
             return None
         ctx.count_auth_failure()
         return json_error(401, ErrorCode.UNAUTHORIZED,

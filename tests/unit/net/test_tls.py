@@ -58,10 +58,8 @@ def test_a_missing_certfile_is_named(files: Files, tmp_path: Path) -> None:
         server_context(config(missing, files.keyfile))
 
 
-# A bug in trioserve/net/tls.py, left for the package's owners: load_cert_chain's
-# FileNotFoundError carries no filename, so the message falls back to the
-# certfile, which exists, and the operator is sent to the wrong file.
-@pytest.mark.xfail(strict=True, reason="a missing keyfile is reported as the certfile (see the report)")
+# load_cert_chain's FileNotFoundError carries no filename: the operator must
+# still be sent to the file that is missing.
 def test_a_missing_keyfile_is_named(files: Files, tmp_path: Path) -> None:
     missing = tmp_path / "nope.pem"
     with pytest.raises(ConfigError, match=rf"^TLS: '{missing}' not found"):

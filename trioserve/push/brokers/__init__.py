@@ -17,7 +17,8 @@ __all__ = ["Broker", "BrokerUnavailable", "HubPort", "make_broker"]
 def make_broker(config: Config) -> Broker:
     """The broker *config* names (``broker = "memory://"`` or ``"redis://..."``)."""
     url = getattr(config, "broker", "memory://") or "memory://"
-    if url.startswith(("redis://", "rediss://")):
+    # Schemes are case-insensitive (RFC 3986), as the config's check takes them.
+    if url.lower().startswith(("redis://", "rediss://")):
         try:
             from .redis import RedisBroker
         except ImportError as exc:

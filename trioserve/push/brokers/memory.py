@@ -35,6 +35,9 @@ class MemoryBroker(Broker):
         return offset
 
     async def publish(self, topic: str, data: Any) -> int:
+        # trio's rule: an operation that raises Cancelled did not happen. So the
+        # cancellation is checked before publishing, and the checkpoint after is shielded.
+        await trio.lowlevel.checkpoint_if_cancelled()
         offset = self.publish_nowait(topic, data)
-        await trio.lowlevel.checkpoint()
+        await trio.lowlevel.cancel_shielded_checkpoint()
         return offset

@@ -23,11 +23,8 @@ def test_a_redis_url_makes_a_redis_broker_without_connecting(url: str) -> None:
     assert not broker.synchronous and not broker.connected.is_set()
 
 
-# A bug in trioserve/push/brokers/__init__.py, left for the package's owners: the
-# config accepts a scheme in any case (checks.check_broker lowers it), but
-# make_broker compares it as written, so "REDIS://host" runs on a memory broker,
-# and with workers = 2 each worker silently has its own hub.
-@pytest.mark.xfail(strict=True, reason="make_broker reads the URL scheme case-sensitively (see the report)")
+# The config accepts a scheme in any case; a memory broker here would give each
+# of two workers its own hub.
 @pytest.mark.parametrize("url", ["REDIS://127.0.0.1:6379/0", "Rediss://cache.example:6380/1"])
 def test_the_scheme_is_case_insensitive_as_in_the_config(url: str) -> None:
     assert isinstance(make_broker(Config(broker=url, workers=2)), RedisBroker)

@@ -53,12 +53,8 @@ async def test_one_epoch_per_broker_for_every_topic() -> None:
     assert await first.head("a") == (first.epoch("a"), 1)
 
 
-# A bug in trioserve/push/brokers/memory.py, left for the package's owners: publish()
-# publishes, then checkpoints, so a cancelled caller gets Cancelled for a publication
-# that went out (trio's rule: an operation that raises Cancelled did not happen;
-# Hub.publish keeps it with a shielded checkpoint). The hub never calls it for
-# this synchronous broker; a program calling the broker directly would.
-@pytest.mark.xfail(strict=True, reason="a cancelled MemoryBroker.publish still publishes (see the report)")
+# trio's rule: an operation that raises Cancelled did not happen (Hub.publish keeps
+# it too). The hub never calls this for a synchronous broker; a program might.
 async def test_a_cancelled_publish_does_not_publish() -> None:
     broker = MemoryBroker()
     hub = Hub(broker=broker)
