@@ -341,11 +341,19 @@ async def test_sigterm_drains_every_worker_and_exits_0(redis: RedisServer) -> No
 
 
 async def _held_clients(port: int, n: int) -> list[RawWebSocket]:
-    """*n* subscribed clients, with some on every worker."""
+    """At least *n* subscribed clients, with some on every worker.
+
+    The kernel picks the worker of each connection (SO_REUSEPORT hashes the
+    addresses), so *n* connections can all land on one: more are opened, up to
+    a bound, until every worker holds one.
+    """
     clients = [await subscribed(port) for _ in range(n)]
-    by_worker = await connections_by_worker(port)
-    assert min(by_worker.values()) > 0, by_worker
-    return clients
+    for _ in range(20 * n):
+        by_worker = await connections_by_worker(port)
+        if len(by_worker) > 1 and min(by_worker.values()) > 0:
+            return clients
+        clients.append(await subscribed(port))
+    raise AssertionError(f"{len(clients)} connections and a worker has none: {by_worker}")
 
 
 async def _close_frame(ws: RawWebSocket) -> int | None:
