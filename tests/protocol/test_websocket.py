@@ -14,6 +14,7 @@ from wsproto.events import CloseConnection, TextMessage
 from trioserve.protocol.websocket import (
     HandshakeError,
     accept_key,
+    announced_remainder,
     check_upgrade,
     close_frame,
     frame_batch,
@@ -370,3 +371,45 @@ def test_frame_batch_roundtrip_byte_by_byte() -> None:
     assert [e.data for e in events[:-1] if isinstance(e, TextMessage)] == texts
     assert isinstance(events[-1], CloseConnection)
     assert (events[-1].code, events[-1].reason) == (1001, "going away")
+
+
+# --- announced_remainder: the frame header's length, before its payload ------------------------
+
+
+def _client_header(opcode: int, length: int, fin: bool = True) -> bytes:
+    """A masked client frame header (mask key 0, so the payload goes as is)."""
+    first = (0x80 if fin else 0) | opcode
+    if length < 126:
+        head = bytes([first, 0x80 | length])
+    elif length < 1 << 16:
+        head = bytes([first, 0x80 | 126]) + struct.pack("!H", length)
+    else:
+        head = bytes([first, 0x80 | 127]) + struct.pack("!Q", length)
+    return head + b"\0\0\0\0"
+
+
+def _fed(*chunks: bytes) -> Connection:
+    ws = Connection(ConnectionType.SERVER)
+    for chunk in chunks:
+        ws.receive_data(chunk)
+        list(ws.events())
+    return ws
+
+
+def test_announced_remainder_reads_the_header_before_any_payload() -> None:
+    assert announced_remainder(_fed(_client_header(0x1, 10_000_000))) == 10_000_000
+    assert announced_remainder(_fed(_client_header(0x2, 70_000))) == 70_000
+
+
+def test_announced_remainder_counts_down_as_payload_arrives_and_ends_with_the_frame() -> None:
+    ws = _fed(_client_header(0x1, 1000), b"a" * 10)
+    assert announced_remainder(ws) == 990
+    ws.receive_data(b"a" * 990)
+    list(ws.events())
+    assert announced_remainder(ws) == 0
+
+
+def test_announced_remainder_is_zero_between_frames_and_for_control_frames() -> None:
+    assert announced_remainder(_fed()) == 0
+    assert announced_remainder(_fed(_client_header(0x9, 100))) == 0  # a ping
+    assert announced_remainder(_fed(_client_header(0x1, 2, fin=False))) == 2

@@ -93,6 +93,13 @@ class WebSocketConnection(Connection):
                 return
             if self._close_mode is CLOSE_FAILED:
                 return
+        # A message whose frame header already announces more than the limit is
+        # refused now, not after max_message_size bytes of it have been read.
+        # (_parts_size counts a text message's characters: never more than its bytes.)
+        remainder = websocket.announced_remainder(ws)
+        if remainder and self._parts_size + remainder > self._config.max_message_size \
+                and self.state is ConnectionState.OPEN:
+            self._start_close(CloseCode.MESSAGE_TOO_BIG, failed=True)
 
     def _on_message_part(self, event: wse.TextMessage | wse.BytesMessage) -> None:
         data = event.data if isinstance(event.data, str) else bytes(event.data)

@@ -15,9 +15,12 @@ import hashlib
 import struct
 from collections.abc import Iterable, Sequence
 
+from wsproto.connection import Connection as WSConnection
+
 __all__ = [
     "HandshakeError",
     "accept_key",
+    "announced_remainder",
     "check_upgrade",
     "close_frame",
     "frame_batch",
@@ -142,3 +145,21 @@ def close_frame(code: int, reason: str = "") -> bytes:
     data = data.decode("utf-8", "ignore").encode("utf-8")
     payload = _CODE(code) + data
     return bytes((_OP_CLOSE, len(payload))) + payload
+
+
+def announced_remainder(ws: WSConnection) -> int:
+    """Payload bytes still to come of the data frame that *ws* is in the middle of
+    (0 between frames, and for control frames, which are at most 125 bytes).
+
+    wsproto reads a frame's header before its payload but reports nothing until
+    payload arrives. The server refuses an oversized message as soon as the
+    header announces it, as the websockets library does, rather than after
+    reading ``max_message_size`` bytes of it. wsproto offers no public accessor,
+    so this reads its decoder's state; tests/protocol checks it against the
+    installed wsproto.
+    """
+    decoder = ws._proto._frame_decoder
+    header = decoder.header
+    if header is None or header.opcode.iscontrol():
+        return 0
+    return header.payload_len - decoder.payload_consumed

@@ -49,6 +49,24 @@ async def test_message_too_big_closes_1009(pair: PairFactory, fragmented: bool) 
     assert conn.close_code == 1009
 
 
+@pytest.mark.parametrize("fragmented", [False, True])
+async def test_a_header_announcing_too_much_closes_1009_before_the_payload(
+    pair: PairFactory, fragmented: bool
+) -> None:
+    # Bounded: without the header check the server would wait for the payload.
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            conn, peer = await start_ws(nursery, pair, max_message_size=100)
+            if fragmented:
+                await peer.send_frame(OP_TEXT, b"a" * 60, fin=False)
+            # The header of a 10 MB frame (masked, mask 0), and not a byte of its payload.
+            await peer.send_raw(bytes([0x00 if fragmented else 0x81, 0x80 | 127])
+                                + (10_000_000).to_bytes(8, "big") + b"\0\0\0\0")
+            frames = await peer.read_until_eof()
+    assert frames[-1].opcode == OP_CLOSE and frames[-1].close_code == 1009
+    assert conn.close_code == 1009
+
+
 async def test_multibyte_text_is_measured_in_bytes(pair: PairFactory) -> None:
     async with trio.open_nursery() as nursery:
         _, peer = await start_ws(nursery, pair, max_message_size=100)
