@@ -310,6 +310,7 @@ def worker(runtime_dir: str, worker_id: int, ready_fd: int | None) -> None:
         trio.run(w.run, ready_fd)
     except OSError as exc:
         raise click.ClickException(str(exc)) from None
+    sys.exit(w.exit_code)
 
 
 @main.command()
