@@ -44,6 +44,7 @@ from .checks import (
     to_origins,
     to_policy,
     to_tuple,
+    to_workers,
     url_repr,
 )
 
@@ -115,9 +116,10 @@ class Config:
     keyfile: str | None = attrs.field(default=None, validator=check_optional_text)
 
     # --- workers and broker ----------------------------------------------------------------
-    #: Worker processes sharing the ports (``trioserve serve --workers``). With more than 1
+    #: Worker processes sharing the ports (``trioserve serve --workers``; ``"auto"``: one per
+    #: core). With more than 1
     #: and ``memory://``, the supervisor is their broker (one host); ``redis://`` spans hosts.
-    workers: int = attrs.field(default=1, validator=check_workers)
+    workers: int = attrs.field(default=1, converter=to_workers, validator=check_workers)
     #: ``memory://`` (this process, or with ``workers > 1`` the supervisor's embedded
     #: broker), or ``redis://[:password@]host:port/db`` / ``rediss://`` (TLS) to share
     #: topics, offsets and history between processes and hosts.
