@@ -233,3 +233,18 @@ async def test_a_worker_that_cannot_reach_the_supervisor_fails_to_start() -> Non
     async with trio.open_nursery() as nursery:
         with pytest.raises(BrokerUnavailable, match="cannot reach the supervisor"):
             await nursery.start(broker.run)
+
+
+async def test_a_history_page_says_when_history_no_longer_reaches_back() -> None:
+    with trio.fail_after(LIMIT):
+        config = Config(history_size=2)
+        async with host(config=config) as h:
+            hub1, b1 = await h.worker(1, config)
+            for i in range(5):
+                await b1.publish("t", i)
+            assert await hub1.history_page("t", 3, 10) == (
+                (encode_publication("t", 4, 3), encode_publication("t", 5, 4)), True)
+            assert await hub1.history_page("t", 5, 10) == ((), True)
+            assert await hub1.history_page("t", 0, 10) == ((), False)
+            assert await hub1.history_page("never", 0, 10) == ((), True)
+            h.nursery.cancel_scope.cancel()
