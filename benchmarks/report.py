@@ -235,7 +235,27 @@ def rate_table_rows(summaries: list[dict[str, Any]],
 
 
 def notes(summaries: list[dict[str, Any]]) -> list[str]:
-    return [f"{s['server']}: {s['status']}" for s in summaries if s["status"] != "ok"]
+    return [f"{s['server']}: {s['status']}" for s in summaries if s["status"] != "ok"] + \
+        workers_notes(summaries)
+
+
+#: The embedded broker's target: all its processes together per delivery, against one process.
+WORKERS_CPU_TARGET = 1.3
+
+
+def workers_notes(summaries: list[dict[str, Any]]) -> list[str]:
+    """``trioserve-workers2`` against ``trioserve`` in the same run: server CPU per
+    delivery summed over the supervisor and both workers, and what was lost."""
+    by_name = {s["server"]: s for s in summaries}
+    single, workers = by_name.get("trioserve"), by_name.get("trioserve-workers2")
+    if single is None or workers is None:
+        return []
+    cpu = ratio(workers["server_cpu_us_per_delivery"], single["server_cpu_us_per_delivery"])
+    if cpu is None:
+        return ["trioserve-workers2 vs trioserve: no CPU ratio (a server has no bursts)"]
+    verdict = "met" if cpu <= WORKERS_CPU_TARGET and not workers["lost"] else "MISSED"
+    return [f"trioserve-workers2 vs trioserve: server CPU per delivery {cpu:.2f}x "
+            f"(all processes; target <= {WORKERS_CPU_TARGET}x), lost {workers['lost']:,}: {verdict}"]
 
 
 # A publisher this late is no longer the steady rate asked for.

@@ -33,8 +33,11 @@ PY = sys.executable
 class ServerSpec:
     name: str
     argv: tuple[str, ...]  # "{port}" is substituted
-    healthz: bool  # ready when GET /healthz is 200; else when /ws upgrades
+    healthz: bool  # ready when GET /healthz (or ready_path) is 200; else when /ws upgrades
     probe: tuple[str, ...] | None = None  # must exit 0 for the server to be available
+    # --workers: /healthz is 200 while the worker that answers is alive; /readyz only
+    # once every worker is, so no share of the subscribers lands on one alone.
+    ready_path: str = "/healthz"
 
 
 SERVERS = {
@@ -44,6 +47,16 @@ SERVERS = {
          "--client-publish", "--log-level", "warning"),
         healthz=True,
         probe=(PY, "-m", "trioserve", "serve", "--help"),
+    ),
+    # The embedded broker: a supervisor (the sequencer) and two workers. CPU is
+    # read over the whole process tree (ServerProcess.cpu), every process counted.
+    "trioserve-workers2": ServerSpec(
+        "trioserve-workers2",
+        (PY, "-m", "trioserve", "serve", "--host", HOST, "--port", "{port}", "--workers", "2",
+         "--client-publish", "--log-level", "warning"),
+        healthz=True,
+        probe=(PY, "-m", "trioserve", "serve", "--help"),
+        ready_path="/readyz",
     ),
     "websockets": ServerSpec(
         "websockets",
@@ -163,10 +176,11 @@ async def wait_ready(server: ServerProcess, timeout: float = 30) -> None:
         try:
             async with asyncio.timeout(2):
                 if server.spec.healthz:
-                    status = await http_status(server.port, "/healthz")
+                    path = server.spec.ready_path
+                    status = await http_status(server.port, path)
                     if status == 200:
                         return
-                    last_error = f"/healthz answered {status}"
+                    last_error = f"{path} answered {status}"
                 else:
                     (await open_ws(HOST, server.port, None, None, 2)).close()
                     return

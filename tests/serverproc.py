@@ -53,6 +53,11 @@ class ServerProcess:
         self._changed.set()
         self._changed = trio.Event()
 
+    async def wait_for_eof(self) -> None:
+        """Wait until every process holding the log pipe (workers too) has closed it."""
+        while not self.eof:
+            await self._changed.wait()
+
     async def wait_for_log(self, pattern: bytes | re.Pattern[bytes], start: int = 0) -> re.Match[bytes]:
         """The first match of *pattern* in the log after offset *start*, waiting for it."""
         regex = re.compile(re.escape(pattern)) if isinstance(pattern, bytes) else pattern

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import enum
 import math
+import os
 import re
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -220,9 +221,24 @@ def _redact_param(param: str) -> str:
     return param
 
 
+def cpu_count() -> int:
+    """The cores this process may run on (its affinity mask, where there is one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def to_workers(value: Any) -> Any:
+    """``"auto"``: one worker per core."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return min(cpu_count(), _MAX_WORKERS)
+    return value
+
+
 def check_workers(inst: object, attr: attrs.Attribute[Any], value: Any) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= _MAX_WORKERS:
-        raise ConfigError(f"workers must be an integer 1-{_MAX_WORKERS}, got {value!r}")
+        raise ConfigError(f"workers must be an integer 1-{_MAX_WORKERS} or \"auto\", got {value!r}")
 
 
 def check_worker_id(inst: object, attr: attrs.Attribute[Any], value: Any) -> None:

@@ -44,6 +44,7 @@ from .checks import (
     to_origins,
     to_policy,
     to_tuple,
+    to_workers,
     url_repr,
 )
 
@@ -115,11 +116,13 @@ class Config:
     keyfile: str | None = attrs.field(default=None, validator=check_optional_text)
 
     # --- workers and broker ----------------------------------------------------------------
-    #: Worker processes sharing the ports (``trioserve serve --workers``); more than 1 needs
-    #: a broker that spans processes.
-    workers: int = attrs.field(default=1, validator=check_workers)
-    #: ``memory://`` (this process only), or ``redis://[:password@]host:port/db`` /
-    #: ``rediss://`` (TLS) to share topics, offsets and history between processes and hosts.
+    #: Worker processes sharing the ports (``trioserve serve --workers``; ``"auto"``: one per
+    #: core). With more than 1
+    #: and ``memory://``, the supervisor is their broker (one host); ``redis://`` spans hosts.
+    workers: int = attrs.field(default=1, converter=to_workers, validator=check_workers)
+    #: ``memory://`` (this process, or with ``workers > 1`` the supervisor's embedded
+    #: broker), or ``redis://[:password@]host:port/db`` / ``rediss://`` (TLS) to share
+    #: topics, offsets and history between processes and hosts.
     broker: str = attrs.field(default="memory://", validator=check_broker, repr=url_repr)
     #: Redis password, kept out of the URL (and so out of ``ps`` and logs).
     broker_password: str | None = attrs.field(default=None, validator=check_optional_secret,
@@ -187,11 +190,8 @@ class Config:
 
     def _check_workers(self) -> None:
         memory = self.broker.lower() == "memory://"
-        if self.workers > 1 and memory:
-            raise ConfigError(
-                f"workers = {self.workers} needs a broker that spans processes, or each worker "
-                "would have its own hub and miss the others' publications: add "
-                "--broker redis://host:6379/0, or use --workers 1")
+        # workers > 1 with memory:// is the embedded broker: the supervisor is the
+        # sequencer, and the workers share topics through it (one host).
         if self.broker_password is not None:
             if memory:
                 raise ConfigError("broker_password is set but broker is memory://, which has no "
@@ -260,6 +260,11 @@ class Config:
         if self.token_secret is not None:
             return ("HS256",)
         return ("RS256", "ES256") if self.token_public_key is not None else ()
+
+    @property
+    def embedded_broker(self) -> bool:
+        """Workers share topics through their supervisor (``workers > 1``, ``memory://``)."""
+        return self.workers > 1 and self.broker.lower() == "memory://"
 
     @property
     def tls_enabled(self) -> bool:

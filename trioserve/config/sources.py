@@ -84,11 +84,12 @@ _HELP: tuple[tuple[str, str, str, Any], ...] = (
     ("listeners", "keyfile", "PEM private key of certfile (unset: the key is in certfile).",
      "/etc/trioserve/key.pem"),
     ("workers", "workers",
-     "Worker processes sharing the ports (each with its own fd limit); over 1 needs a redis broker.",
+     'Worker processes sharing the ports, each with its own fd limit ("auto": one per core); '
+     "over 1 without a redis broker, the supervisor is their broker.",
      None),
     ("workers", "broker",
-     'Where publications travel: "memory://" (one process), or "redis://host:6379/0" '
-     '("rediss://" for TLS) to span worker processes and hosts.', None),
+     'Where publications travel: "memory://" (one process, or with workers the supervisor), '
+     'or "redis://host:6379/0" ("rediss://" for TLS) to span hosts.', None),
     ("workers", "broker_password",
      "Redis password, kept out of the broker URL (prefer TRIOSERVE_BROKER_PASSWORD).", "CHANGE-ME"),
     ("publishing", "client_publish",
@@ -223,6 +224,8 @@ def _typed(opt: Option, value: Any, where: str) -> Any:
         return _rules(value, where)
     if value is None and opt.optional:
         return None
+    if opt.name == "workers" and isinstance(value, str) and value.strip().lower() == "auto":
+        return value  # one per core: Config resolves it
     ok = {
         Kind.BOOL: isinstance(value, bool),
         Kind.INT: isinstance(value, int) and not isinstance(value, bool),
@@ -278,6 +281,8 @@ def _from_env(opt: Option, raw: str) -> Any:
         if text.lower() in _TRUE + _FALSE:
             return text.lower() in _TRUE
         raise ConfigError(f"{opt.env} must be one of 1/0/true/false/yes/no, got {raw!r}")
+    if opt.name == "workers" and text.lower() == "auto":
+        return text
     if opt.kind is Kind.INT:
         try:
             return int(text)

@@ -232,6 +232,19 @@ class Connection(Sender):
                 self._bytes_in += len(data)
                 self._feed(data)
 
+    def receive_nowait(self) -> str | bytes | None:
+        """The next message if it has already been received, else None; never waits.
+
+        A handler can take a burst's run of messages together (the push handler
+        sends a run of publishes to a pipelined broker in one write)."""
+        inbox = self._inbox
+        if not inbox:
+            return None
+        message = inbox.popleft()
+        if not inbox:
+            self._inbox = None
+        return message
+
     def __aiter__(self) -> Connection:
         return self
 

@@ -63,6 +63,26 @@ class _ConfigOption(click.Option):
         return None
 
 
+class _Workers(click.ParamType):  # type: ignore[type-arg]  # generic only in click >= 8.2
+    """1-1024, or ``auto`` (kept as written: Config makes it one per core)."""
+
+    name = "N|auto"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            return "auto"
+        try:
+            number = int(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number of workers (1-1024) or 'auto'", param, ctx)
+        if not 1 <= number <= 1024:
+            self.fail(f"{number} is not in the range 1-1024 (or use 'auto')", param, ctx)
+        return number
+
+
+_WORKERS = _Workers()
+
+
 def _option(*decls: str, field: str | None = None, **kwargs: Any) -> Decorator:
     """A ``serve`` flag for the Config field *field* (by default named after the flag)."""
     name = field or decls[0].split("/")[0].lstrip("-").replace("-", "_")
@@ -184,12 +204,14 @@ def main() -> None:
               "[default: none, plain text]")
 @_option("--keyfile", type=click.Path(dir_okay=False), default=None,
          help="PEM private key of --certfile.  [default: the key is in the certfile]")
-@_option("--workers", type=click.IntRange(1, 1024), default=_DEFAULTS.workers,
+@_option("--workers", type=_WORKERS, default=_DEFAULTS.workers,
          help="Worker processes sharing the ports (SO_REUSEPORT), each with its own fd limit and "
-              "trio loop; a supervisor restarts them. More than 1 needs --broker redis://...")
+              "trio loop; a supervisor restarts them. 'auto': one per core. Without --broker the "
+              "supervisor is their broker: it sequences every topic for all workers (one host).")
 @_option("--broker", default=_DEFAULTS.broker, metavar="URL",
-         help="memory:// (this process only), or redis://host:6379/0 (rediss:// for TLS) to share "
-              "topics between workers and hosts. Put a password in TRIOSERVE_BROKER_PASSWORD.")
+         help="memory:// (in-host: this process, or the supervisor of --workers), or "
+              "redis://host:6379/0 (rediss:// for TLS) to share topics between hosts. "
+              "Put a password in TRIOSERVE_BROKER_PASSWORD.")
 @_option("--client-publish/--no-client-publish", default=_DEFAULTS.client_publish,
          help='Let connected clients publish with {"op":"publish"}. The HTTP API can always publish.')
 @_option("--api-key", default=None,
@@ -310,6 +332,7 @@ def worker(runtime_dir: str, worker_id: int, ready_fd: int | None) -> None:
         trio.run(w.run, ready_fd)
     except OSError as exc:
         raise click.ClickException(str(exc)) from None
+    sys.exit(w.exit_code)
 
 
 @main.command()

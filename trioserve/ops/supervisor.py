@@ -20,7 +20,14 @@ connections one process can. The supervisor:
    30 s and starts over once a worker has run for 30 s, and logs how it died.
    A worker that fails before the first start-up is complete stops everything:
    that is a configuration or environment problem, not a crash to retry.
-5. **Drains on SIGTERM or SIGINT**: forwards SIGTERM, so every worker drains
+5. **Is the embedded broker** when there is no ``--broker``: it runs the
+   sequencer (:mod:`trioserve.push.brokers.sequencer`), which assigns every
+   topic's offsets, keeps history and relays publications to the workers that
+   joined a topic, over one Unix socket per worker in the runtime directory.
+   Only starting and stopping it is this module's business.
+6. **Drains on SIGTERM or SIGINT**: first closes the sequencer to new
+   publications (so everything accepted reaches every worker before its
+   1001), then forwards SIGTERM, so every worker drains
    (1001 to its clients, "drained N, forced M"), waits for them and exits 0.
    A second signal kills the workers and exits with 128 + the signal.
 """
@@ -44,7 +51,9 @@ import trio
 
 from ..config import Config, redact_url
 from ..net import listeners
-from .worker import write_worker_config
+from ..push.brokers.relay import RelayServer
+from ..push.brokers.sequencer import Sequencer
+from .worker import broker_path, write_worker_config
 
 __all__ = ["Supervisor", "describe_exit"]
 
@@ -99,6 +108,9 @@ class Supervisor:
         self._scopes: set[trio.CancelScope] = set()
         self._runtime_dir = ""
         self._nursery: trio.Nursery | None = None
+        #: The embedded broker's sequencer; None with --broker redis://.
+        self.sequencer: Sequencer | None = (
+            Sequencer(config.history_for, clock=trio.current_time) if config.embedded_broker else None)
 
     async def run(self) -> int:
         if not sys.platform.startswith("linux"):
@@ -110,12 +122,16 @@ class Supervisor:
             self._runtime_dir = tempfile.mkdtemp(prefix="trioserve-", dir=self._runtime_base())
             write_worker_config(self._runtime_dir, config)
             tcp = f", tcp port {config.tcp_port}" if config.tcp_port is not None else ""
+            broker = ("embedded (this supervisor is the sequencer)" if self.sequencer is not None
+                      else redact_url(config.broker))
             log.info("supervisor (pid %d): starting %d workers on %s port %d%s, broker %s",
-                     os.getpid(), config.workers, config.host, config.port, tcp,
-                     redact_url(config.broker))
+                     os.getpid(), config.workers, config.host, config.port, tcp, broker)
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 await nursery.start(self._watch_signals)
+                if self.sequencer is not None:
+                    paths = {w.id: broker_path(self._runtime_dir, w.id) for w in self._workers}
+                    await nursery.start(RelayServer(self.sequencer, paths).serve)
                 async with trio.open_nursery() as workers:
                     for worker in self._workers:
                         workers.start_soon(self._keep_running, worker)
@@ -182,6 +198,10 @@ class Supervisor:
         if self._stopping:
             return
         self._stopping = True
+        if self.sequencer is not None:
+            # Before any worker drains: a publication accepted from now on could
+            # reach a worker after it sent its 1001.
+            self.sequencer.close()
         for scope in self._scopes:
             scope.cancel()
         for worker in self._workers:

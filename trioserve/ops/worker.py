@@ -14,6 +14,11 @@ The supervisor (:mod:`trioserve.ops.supervisor`) starts each worker as
   ``metrics``, with JSON. A worker asks its siblings when it answers
   ``/metrics``, ``/readyz`` or ``/healthz``, so those describe the whole server
   and not whichever worker the kernel picked for the request.
+- **Broker socket** ``DIR/bI.sock`` (without ``--broker``): the supervisor is the
+  embedded broker's sequencer, and this worker's hub reaches it through an
+  :class:`~trioserve.push.brokers.inhost.InHostBroker` connected there. If that
+  connection closes, the supervisor is gone: the worker drains and exits
+  rather than serve topics no other worker shares.
 - **Ready**: once the ports are bound and the control socket listens, the worker
   writes one JSON line to ``FD`` (its pid and max_connections) and closes it.
 """
@@ -35,10 +40,14 @@ import trio
 from ..config import Config, load_config
 from ..config.sources import OPTIONS
 from ..net.httpd import Request, Response, RouteHandler, json_response
+from ..push.brokers.inhost import InHostBroker
+from ..push.history import History
+from ..push.hub import Hub
 from ..server import metrics
 from ..server.server import Server, server_routes
 
-__all__ = ["CONFIG_FILE", "Worker", "control_path", "read_worker_config", "write_worker_config"]
+__all__ = ["CONFIG_FILE", "Worker", "broker_path", "control_path", "read_worker_config",
+           "write_worker_config"]
 
 log = logging.getLogger("trioserve.worker")
 
@@ -55,6 +64,11 @@ _MAX_REPLY = 64 * 1024 * 1024
 
 def control_path(runtime_dir: str | Path, worker_id: int) -> Path:
     return Path(runtime_dir) / f"w{worker_id}.sock"
+
+
+def broker_path(runtime_dir: str | Path, worker_id: int) -> Path:
+    """Where the supervisor's embedded broker listens for worker *worker_id*."""
+    return Path(runtime_dir) / f"b{worker_id}.sock"
 
 
 def write_worker_config(runtime_dir: str | Path, config: Config) -> None:
@@ -87,8 +101,16 @@ class Worker:
         self.id = config.worker_id
         self.label = str(config.worker_id)
         self.runtime_dir = Path(runtime_dir)
+        #: 1 once the worker stopped because its supervisor's broker went away.
+        self.exit_code = 0
+        #: The embedded broker's connection to the supervisor (None with --broker redis://).
+        self.broker: InHostBroker | None = None
+        hub = None
+        if config.embedded_broker:
+            self.broker = InHostBroker(broker_path(runtime_dir, self.id))
+            hub = Hub(config.hub_max_pending, History(config.history_for), self.broker)
         # Signals are this class's: see _watch_signals.
-        self.server = Server(config)
+        self.server = Server(config, hub=hub)
         # This worker's own answers, whatever the single-process server bases them on;
         # the routes below add the other workers' to them.
         defaults = server_routes(self.server)
@@ -108,6 +130,8 @@ class Worker:
             listener = await self._listen_control()
             nursery.start_soon(trio.serve_listeners, self._answer, [listener])
             nursery.start_soon(self._watch_supervisor, os.getppid())
+            if self.broker is not None:
+                nursery.start_soon(self._watch_broker, self.broker)
             if ready_fd is not None:
                 self._report_ready(ready_fd)
 
@@ -143,6 +167,14 @@ class Worker:
         while os.getppid() == parent:
             await trio.sleep(PARENT_CHECK_INTERVAL)
         log.warning("the supervisor (pid %d) is gone; draining", parent)
+        await self.server.drain()
+
+    async def _watch_broker(self, broker: InHostBroker) -> None:
+        # The supervisor is the sequencer: without it, this worker's topics would
+        # drift apart from the others' (a split brain). Stop instead.
+        await broker.lost.wait()
+        self.exit_code = 1
+        log.error("lost the supervisor's broker (%s); draining and exiting", broker.lost_reason)
         await self.server.drain()
 
     # --- the control socket ---------------------------------------------------------------

@@ -24,7 +24,7 @@ from ..protocol.messages import (
 )
 from .brokers import BrokerUnavailable
 from .hub import Subscriber
-from .service import HubContext, PublishRefused, publish
+from .service import HubContext, PublishRefused, publish, publish_many
 
 __all__ = ["MAX_RECOVERY_BYTES", "Client", "PushContext", "client_info", "leave_all", "push_handler"]
 
@@ -48,6 +48,8 @@ class Client(Subscriber, Protocol):
     def send_encoded(self, payload: bytes) -> bool: ...
 
     async def receive(self) -> str | bytes: ...
+
+    def receive_nowait(self) -> str | bytes | None: ...
 
 
 class TokenVerifier(Protocol):
@@ -83,7 +85,13 @@ async def push_handler(conn: Client, server: PushContext) -> None:
         await _handle(conn, server, await conn.receive())
 
 
-async def _handle(conn: Client, server: PushContext, message: str | bytes) -> None:
+async def _handle(conn: Client, server: PushContext, message: str | bytes | None) -> None:
+    while message is not None:
+        message = await _handle_one(conn, server, message)
+
+
+async def _handle_one(conn: Client, server: PushContext, message: str | bytes) -> str | bytes | None:
+    """Handle *message*; returns a message read ahead and not handled yet (after a run of publishes)."""
     # Counted before parsing, so malformed messages count too.
     allowed = conn.check_rate()
     try:
@@ -94,11 +102,73 @@ async def _handle(conn: Client, server: PushContext, message: str | bytes) -> No
             # Only TCP connections start without claims, when a token is required.
             conn.start_close(CloseCode.UNAUTHORIZED,
                              'unauthorized: send {"op":"connect","token":...} first')
-            return
+            return None
+        if cmd.op == "publish" and server.hub.broker.pipelined:
+            return await _publish_run(conn, server, cmd)
         reply = await _dispatch(conn, server, cmd)
     except ProtocolError as exc:
         reply = encode_error(exc.code, exc.message, exc.id)
     conn.send_encoded(reply)
+    return None
+
+
+#: Publishes one run hands to a pipelined broker at most.
+MAX_PUBLISH_RUN = 1000
+
+
+async def _publish_run(conn: Client, server: PushContext, first: Command) -> str | bytes | None:
+    """*first* and the publishes already received behind it, published together.
+
+    With a pipelined broker (the embedded one) a burst from one client is then
+    in flight at once, and reaches the subscribers in one fan-out batch, as
+    it does with the memory broker. Replies go out in the commands' order.
+    Returns the message that ended the run, if it is not a publish.
+    """
+    replies: list[bytes | int] = []  # a ready reply, or an index into items
+    items: list[tuple[str, Any]] = []
+    ids: list[Any] = []
+    leftover: str | bytes | None = None
+    cmd: Command | None = first
+    while True:
+        if cmd is not None:
+            try:
+                _check_publish(conn, server, cmd)
+                replies.append(len(items))
+                items.append((cmd.topic, cmd.fields["data"]))
+                ids.append(cmd.id)
+            except ProtocolError as exc:
+                replies.append(encode_error(exc.code, exc.message, exc.id))
+        if len(replies) >= MAX_PUBLISH_RUN or (message := conn.receive_nowait()) is None:
+            break
+        try:
+            cmd = parse_command(message, server.op_names)
+        except ProtocolError:
+            cmd = None
+        if cmd is None or cmd.op != "publish":
+            leftover = message  # handled after the run's replies, as it came after them
+            break
+        if not conn.check_rate():
+            replies.append(encode_error(ErrorCode.RATE_LIMITED, _rate_message(server), cmd.id))
+            cmd = None
+    results = await publish_many(server.hub, items) if items else []
+    for reply in replies:
+        if isinstance(reply, int):
+            result = results[reply]
+            if isinstance(result, PublishRefused):
+                reply = encode_error(result.code, result.message, ids[reply])
+            else:
+                reply = encode_reply(ids[reply], offset=result.offset, subscribers=result.subscribers)
+        conn.send_encoded(reply)
+    return leftover
+
+
+def _check_publish(conn: Client, server: PushContext, cmd: Command) -> None:
+    claims = conn.claims
+    assert claims is not None
+    allowed = server.config.client_publish if claims.anonymous else claims.may_publish(cmd.topic)
+    if not allowed:
+        raise _forbidden(cmd, "client publish is disabled on this server (--client-publish)"
+                         if claims.anonymous else f"the token does not allow publishing to {cmd.topic}")
 
 
 def _rate_message(server: PushContext) -> str:
@@ -141,11 +211,7 @@ async def _dispatch(conn: Client, server: PushContext, cmd: Command) -> bytes:
             hub.send_event(cmd.topic, _presence_event("leave", cmd.topic, conn))
         return encode_reply(cmd.id, topic=cmd.topic)
     if op == "publish":
-        assert claims is not None
-        allowed = server.config.client_publish if claims.anonymous else claims.may_publish(cmd.topic)
-        if not allowed:
-            raise _forbidden(cmd, "client publish is disabled on this server (--client-publish)"
-                             if claims.anonymous else f"the token does not allow publishing to {cmd.topic}")
+        _check_publish(conn, server, cmd)
         try:
             result = await publish(hub, cmd.topic, cmd.fields["data"], wait=True)
         except PublishRefused as exc:
@@ -191,9 +257,14 @@ async def _subscribe(conn: Client, server: PushContext, cmd: Command, claims: Cl
         # the part of the gap older than this node's own history. Only then
         # the synchronous part below.
         try:
-            await hub.broker.join(topic)
-            if since is not None and since["epoch"] == hub.epoch_of(topic):
-                fetched = await hub.broker.fetch(topic, since["offset"])
+            # Again if a leave came in meanwhile (the last other subscriber went):
+            # a subscriber must never be added to a topic this node does not receive.
+            while True:
+                await hub.broker.join(topic)
+                if since is not None and since["epoch"] == hub.epoch_of(topic):
+                    fetched = await hub.broker.fetch(topic, since["offset"])
+                if hub.broker.joined(topic):
+                    break
         except BrokerUnavailable as exc:
             raise ProtocolError(ErrorCode.UNAVAILABLE, str(exc), cmd.id) from None
     # Recovery, subscribing and the reply happen with no checkpoint in between,

@@ -237,9 +237,12 @@ class Hub:
         history still reaches back to ``after + 1`` (for ``GET /api/history``)."""
         if self.broker.synchronous:
             return self.history_after(topic, after, limit)
-        entries, upto = await self.broker.fetch(topic, after, limit)
-        complete = (bool(entries) and entries[0][0] == after + 1) or (not entries and upto <= after)
-        return tuple(p for _, p in entries[:limit]), complete
+        entries, _ = await self.broker.fetch(topic, after, limit)
+        if entries:
+            return tuple(p for _, p in entries[:limit]), entries[0][0] == after + 1
+        # An empty run: nothing follows *after*, or history no longer reaches it.
+        _, head = await self.broker.head(topic)
+        return (), after >= head
 
     def history_after(self, topic: str, offset: int, limit: int) -> tuple[tuple[bytes, ...], bool]:
         """Held publications of *topic* after *offset* (at most *limit*), and

@@ -8,6 +8,7 @@ in one chunk lands in the hub together and goes out as one fan-out batch.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 from ..config import Config
@@ -15,7 +16,7 @@ from ..protocol.codes import ErrorCode
 from .brokers import BrokerUnavailable
 from .hub import Hub, HubClosed, HubOverloaded, PublishResult
 
-__all__ = ["HubContext", "PublishRefused", "publish"]
+__all__ = ["HubContext", "PublishRefused", "publish", "publish_many"]
 
 
 class HubContext(Protocol):
@@ -63,3 +64,20 @@ async def publish(hub: Hub, topic: str, data: Any, *, wait: bool) -> PublishResu
         raise PublishRefused(ErrorCode.UNAVAILABLE, f"broker unavailable: {exc}", 1) from None
     except HubOverloaded as exc:
         raise PublishRefused(ErrorCode.UNAVAILABLE, f"overloaded: {exc}", 1) from None
+
+
+async def publish_many(hub: Hub, items: Sequence[tuple[str, Any]]) -> list[PublishResult | PublishRefused]:
+    """Publish a run of ``(topic, data)`` through a pipelined broker (``broker.pipelined``):
+    all of them in flight at once, so the sequencer relays them together and
+    they reach the subscribers in one fan-out batch. Per item its result, or
+    why it was refused."""
+    if hub.closed:
+        return [PublishRefused(ErrorCode.UNAVAILABLE, "server is draining")] * len(items)
+    results = await hub.broker.publish_many(items)
+    out: list[PublishResult | PublishRefused] = []
+    for (topic, _), result in zip(items, results, strict=True):
+        if isinstance(result, BrokerUnavailable):
+            out.append(PublishRefused(ErrorCode.UNAVAILABLE, f"broker unavailable: {result}", 1))
+        else:
+            out.append(PublishResult(result, hub.subscriber_count(topic)))
+    return out

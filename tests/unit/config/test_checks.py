@@ -67,8 +67,9 @@ def test_a_history_rule_may_keep_nothing() -> None:
     ("anonymous", "yes", r"^anonymous must be true, false or unset, got 'yes'$"),
     ("certfile", 5, r"^certfile must be a string, got 5$"),
     ("keyfile", "", r"^keyfile is empty; leave it unset instead$"),
-    ("workers", True, r"^workers must be an integer 1-1024, got True$"),
-    ("workers", 1025, r"^workers must be an integer 1-1024, got 1025$"),
+    ("workers", True, r"^workers must be an integer 1-1024 or \"auto\", got True$"),
+    ("workers", 1025, r"^workers must be an integer 1-1024 or \"auto\", got 1025$"),
+    ("workers", "many", r"^workers must be an integer 1-1024 or \"auto\", got .many.$"),
     ("worker_id", 0, r"^worker_id must be an integer >= 1 or unset, got 0$"),
     # A bare string is left whole for the check to refuse, not split into its characters.
     ("allowed_origins", "https://a.example", r"^allowed_origins must be a list of strings"),

@@ -4,6 +4,7 @@ broker is synchronous and never fails, and Redis is the system tests'."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import trio
@@ -47,3 +48,17 @@ class RemoteBroker(Broker):
         self._check()
         run = [entry for entry in self.published.get(topic, ()) if entry[0] > after][:limit]
         return run, run[-1][0] if run else after
+
+
+class PipelinedBroker(RemoteBroker):
+    """A RemoteBroker that takes runs of publishes whole (as the embedded broker does)."""
+
+    pipelined = True
+
+    def __init__(self, down: bool = False):
+        super().__init__(down)
+        self.runs: list[int] = []
+
+    async def publish_many(self, items: Sequence[tuple[str, Any]]) -> list[int | BrokerUnavailable]:
+        self.runs.append(len(items))
+        return await super().publish_many(items)

@@ -16,6 +16,8 @@ from trioserve import Claims, CloseCode, Command, Config, ConnectionClosed, Hub,
 from trioserve.protocol.claims import ANONYMOUS, AuthError
 from trioserve.push.handler import client_info, push_handler
 
+from .helpers import PipelinedBroker
+
 
 @attrs.frozen
 class Lines:
@@ -67,6 +69,10 @@ class FakeClient:
         if not self.inbox or self.closed:
             raise ConnectionClosed(1000, None)
         return self.inbox.popleft()
+
+    def receive_nowait(self) -> str | bytes | None:
+        # Everything queued counts as already received (one chunk).
+        return self.inbox.popleft() if self.inbox and not self.closed else None
 
     def replies(self) -> list[Any]:
         return [orjson.loads(p) for p in self.sent]
@@ -205,3 +211,66 @@ async def test_max_subscriptions_counts_topics_per_connection() -> None:
                                          {"op": "subscribe", "topic": "b", "id": 3}]))
     assert [r["ok"] for r in replies] == [True, True, False]
     assert replies[2]["error"]["code"] == "too_many_subscriptions"
+
+
+# --- a pipelined broker: a run of publishes goes out together --------------------------------
+
+
+class RateAfter(FakeClient):
+    """Over its rate limit from the *n*-th message on."""
+
+    def __init__(self, messages: list[Any], n: int):
+        super().__init__(messages)
+        self.n = n
+        self.counted = 0
+
+    def check_rate(self) -> bool:
+        self.counted += 1
+        return self.counted < self.n
+
+
+async def test_a_run_of_publishes_goes_to_a_pipelined_broker_whole_and_replies_keep_order() -> None:
+    broker = PipelinedBroker()
+    ctx = Context(config=Config(client_publish=True), hub=Hub(broker=broker))
+    messages: list[Any] = [{"op": "publish", "topic": "t", "data": i, "id": i} for i in range(5)]
+    messages += [{"op": "ping", "id": "p"}, {"op": "publish", "topic": "t", "data": 5, "id": 5},
+                 b"{bad", {"op": "publish", "topic": "t", "data": 6, "id": 6}]
+    conn = FakeClient(messages)
+    replies = await run(ctx, conn)
+    # The ping ends the first run; a malformed message the second.
+    assert broker.runs == [5, 1, 1]
+    assert [r.get("id") for r in replies] == [0, 1, 2, 3, 4, "p", 5, None, 6]
+    assert [r["offset"] for r in replies if "offset" in r] == list(range(1, 8))
+    assert replies[7]["error"]["code"] == "bad_request"
+
+
+async def test_in_a_run_a_refused_publish_is_answered_in_its_place() -> None:
+    broker = PipelinedBroker()
+    hub = Hub(broker=broker)
+    claims = Claims(sub="a", exp=None, subscribe=("*",), publish=("ok.*",), presence=False)
+    conn = FakeClient([{"op": "publish", "topic": t, "data": 1, "id": i}
+                       for i, t in enumerate(["ok.1", "no", "ok.2"])], claims=claims)
+    replies = await run(Context(hub=hub), conn)
+    assert broker.runs == [2]
+    assert [r["ok"] for r in replies] == [True, False, True]
+    assert replies[1]["error"]["code"] == "forbidden" and replies[1]["id"] == 1
+    # Rate-limited in the middle of a run: said in its place, and not published.
+    broker = PipelinedBroker()
+    conn = RateAfter([{"op": "publish", "topic": "t", "data": i, "id": i} for i in range(4)], n=3)
+    replies = await run(Context(config=Config(client_publish=True), hub=Hub(broker=broker)), conn)
+    assert broker.runs == [2]
+    assert [r.get("error", {}).get("code") for r in replies] == [None, None, "rate_limited", "rate_limited"]
+
+
+async def test_a_run_refused_by_a_down_or_draining_broker_gets_one_error_per_publish() -> None:
+    broker = PipelinedBroker(down=True)
+    ctx = Context(config=Config(client_publish=True), hub=Hub(broker=broker))
+    conn = FakeClient([{"op": "publish", "topic": "t", "data": i, "id": i} for i in range(3)])
+    replies = await run(ctx, conn)
+    assert [(r["id"], r["error"]["code"]) for r in replies] == [(0, "unavailable"), (1, "unavailable"),
+                                                                (2, "unavailable")]
+    ctx = Context(config=Config(client_publish=True), hub=Hub(broker=PipelinedBroker()))
+    ctx.hub.close()
+    replies = await run(ctx, FakeClient([{"op": "publish", "topic": "t", "data": 1, "id": 1}]))
+    assert replies == [{"id": 1, "ok": False,
+                        "error": {"code": "unavailable", "message": "server is draining"}}]

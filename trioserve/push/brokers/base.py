@@ -8,6 +8,7 @@ pub/sub, so every node of a cluster sees the same offsets.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 import trio
@@ -47,6 +48,9 @@ class Broker:
     #: True when publishing completes without I/O: the hub then publishes with
     #: no checkpoint, so a burst from one reader becomes one fan-out batch.
     synchronous: bool = True
+    #: True when :meth:`publish_many` sends a run of publications together (many
+    #: in flight at once): the push handler then hands it a client's burst whole.
+    pipelined: bool = False
 
     hub: HubPort
 
@@ -70,6 +74,17 @@ class Broker:
         """Publish; returns the offset. Raises :class:`BrokerUnavailable`."""
         raise NotImplementedError
 
+    async def publish_many(self, items: Sequence[tuple[str, Any]]) -> list[int | BrokerUnavailable]:
+        """Publish each ``(topic, data)``; per item its offset, or why it was refused.
+        Here one after another; a pipelined broker sends them together."""
+        results: list[int | BrokerUnavailable] = []
+        for topic, data in items:
+            try:
+                results.append(await self.publish(topic, data))
+            except BrokerUnavailable as exc:
+                results.append(exc)
+        return results
+
     async def flush(self) -> None:
         """Return once publications this process published have reached the hub
         (a drain delivers them before its 1001). Synchronous brokers: at once."""
@@ -79,6 +94,11 @@ class Broker:
 
     def leave(self, topic: str) -> None:
         """This node has no more subscribers to *topic*."""
+
+    def joined(self, topic: str) -> bool:
+        """Whether this node receives *topic* now. A subscriber is added only while
+        it does: a leave may come between a :meth:`join` and the subscribe."""
+        return True
 
     async def head(self, topic: str) -> tuple[str, int]:
         """*topic*'s epoch and last offset, even on a node with no subscribers to
