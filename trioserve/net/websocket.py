@@ -96,7 +96,7 @@ class WebSocketConnection(Connection):
         # A message whose frame header already announces more than the limit is
         # refused now, not after max_message_size bytes of it have been read.
         # (_parts_size counts a text message's characters: never more than its bytes.)
-        remainder = websocket.announced_remainder(ws)
+        remainder = websocket.announced_remainder(ws, self._parts is not None)
         if remainder and self._parts_size + remainder > self._config.max_message_size \
                 and self.state is ConnectionState.OPEN:
             self._start_close(CloseCode.MESSAGE_TOO_BIG, failed=True)

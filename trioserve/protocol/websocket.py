@@ -16,6 +16,7 @@ import struct
 from collections.abc import Iterable, Sequence
 
 from wsproto.connection import Connection as WSConnection
+from wsproto.frame_protocol import Opcode
 
 __all__ = [
     "HandshakeError",
@@ -147,9 +148,14 @@ def close_frame(code: int, reason: str = "") -> bytes:
     return bytes((_OP_CLOSE, len(payload))) + payload
 
 
-def announced_remainder(ws: WSConnection) -> int:
+def announced_remainder(ws: WSConnection, in_message: bool) -> int:
     """Payload bytes still to come of the data frame that *ws* is in the middle of
     (0 between frames, and for control frames, which are at most 125 bytes).
+
+    *in_message*: whether a fragmented message is under way. A frame that does
+    not fit the sequence (a continuation with no message under way, a new
+    message inside one) counts 0: wsproto refuses it with 1002 when its payload
+    arrives, and the close code must not depend on how the bytes were chunked.
 
     wsproto reads a frame's header before its payload but reports nothing until
     payload arrives. The server refuses an oversized message as soon as the
@@ -161,5 +167,7 @@ def announced_remainder(ws: WSConnection) -> int:
     decoder = ws._proto._frame_decoder
     header = decoder.header
     if header is None or header.opcode.iscontrol():
+        return 0
+    if not decoder.payload_consumed and (header.opcode is Opcode.CONTINUATION) != in_message:
         return 0
     return header.payload_len - decoder.payload_consumed
