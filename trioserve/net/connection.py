@@ -233,13 +233,28 @@ class Connection(Sender):
                 self._feed(data)
 
     def receive_nowait(self) -> str | bytes | None:
-        """The next message if it has already been received, else None; never waits.
+        """The next message if it has already arrived, else None; never waits.
 
         A handler can take a burst's run of messages together (the push handler
-        sends a run of publishes to a pipelined broker in one write)."""
+        sends a run of publishes to a pipelined broker in one write). With the
+        parsed messages used up, it reads what the kernel already holds: a
+        burst's first frames often come in a chunk of their own, and the rest
+        is there by the time they are handled.
+        """
         inbox = self._inbox
         if not inbox:
-            return None
+            if self.state is not ConnectionState.OPEN:
+                return None
+            data = self._transport.try_receive()
+            if data is None:
+                return None
+            self._last_rx = trio.current_time()
+            self._ping_sent_at = None
+            self._bytes_in += len(data)
+            self._feed(data)
+            inbox = self._inbox
+            if not inbox:
+                return None
         message = inbox.popleft()
         if not inbox:
             self._inbox = None

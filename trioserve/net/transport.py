@@ -45,6 +45,11 @@ class Transport:
         """Next chunk of bytes; ``b""`` at EOF. Raises OSError if broken."""
         raise NotImplementedError
 
+    def try_receive(self) -> bytes | None:
+        """A chunk the kernel already holds, without waiting; None if there is
+        none (or this transport cannot tell without waiting)."""
+        return None
+
     async def send_all(self, data: bytes) -> None:
         """Send all of *data*, waiting as needed (for small control-path writes)."""
         view = memoryview(data)
@@ -93,6 +98,15 @@ class SocketTransport(Transport):
             return self.sock.sendmsg(buffers)
         except BlockingIOError:
             return 0
+
+    def try_receive(self) -> bytes | None:
+        try:
+            data = self.sock.recv(_RECV_SIZE)
+        except (BlockingIOError, OSError):
+            # A broken socket is left for receive_some(), which reports it.
+            return None
+        # EOF too is left for receive_some(): recv() keeps returning it.
+        return data or None
 
     async def receive_some(self) -> bytes:
         # Waiting first, rather than trying recv() first, gives every reader one

@@ -19,8 +19,8 @@ from trioserve import CloseCode, Config, Connection, ConnectionClosed, Connectio
 from trioserve.net.heartbeat import Heartbeats
 from trioserve.protocol import websocket
 
-from ...peers import OP_BINARY, OP_CLOSE, OP_PING, OP_PONG, RawWebSocket
-from ..helpers import PairFactory, listen_only, socket_pair, start_ws
+from ...peers import OP_BINARY, OP_CLOSE, OP_PING, OP_PONG, OP_TEXT, RawWebSocket, encode_frame
+from ..helpers import PairFactory, listen_only, memory_pair, socket_pair, start_ws
 
 
 async def test_text_and_binary_messages(pair: PairFactory) -> None:
@@ -156,3 +156,36 @@ async def test_closing_under_a_waiting_writer_and_reader_raises_nothing() -> Non
     await peer.stream.aclose()
     assert results == ["reader saw ConnectionClosed"]
     assert conn.closed and conn.close_code == CloseCode.ABNORMAL
+
+
+async def test_receive_nowait_takes_what_the_kernel_holds_without_waiting() -> None:
+    transport, client = socket_pair()
+    async with trio.open_nursery() as nursery:
+        conn = WebSocketConnection(transport, Config(), nursery, "peer")
+        await client.send_all(encode_frame(OP_TEXT, b"one"))
+        assert await conn.receive() == "one"
+        assert conn.receive_nowait() is None  # nothing parsed, nothing in the kernel
+        # A socketpair's send is in the peer's buffer when send_all returns.
+        await client.send_all(encode_frame(OP_TEXT, b"two") + encode_frame(OP_TEXT, b"three"))
+        with trio.testing.assert_no_checkpoints():
+            assert conn.receive_nowait() == "two"
+            assert conn.receive_nowait() == "three"
+            assert conn.receive_nowait() is None
+        await client.aclose()
+        assert conn.receive_nowait() is None  # EOF is left for receive() to report
+        with pytest.raises(ConnectionClosed):
+            await conn.receive()
+        nursery.cancel_scope.cancel()
+
+
+async def test_receive_nowait_on_a_stream_transport_takes_only_parsed_messages() -> None:
+    transport, client = memory_pair()
+    async with trio.open_nursery() as nursery:
+        conn = WebSocketConnection(transport, Config(), nursery, "peer")
+        await client.send_all(encode_frame(OP_TEXT, b"one") + encode_frame(OP_TEXT, b"two"))
+        assert await conn.receive() == "one"
+        assert conn.receive_nowait() == "two"
+        await client.send_all(encode_frame(OP_TEXT, b"three"))
+        assert conn.receive_nowait() is None  # a stream cannot be read without waiting
+        assert await conn.receive() == "three"
+        nursery.cancel_scope.cancel()
