@@ -270,13 +270,15 @@ async def test_presence_spans_workers_and_a_gone_workers_members_leave() -> None
             await b1.join("room")
             hub1.subscribe(watcher, "room")  # type: ignore[arg-type]
             b1.member_joined("room", {"client": "a", "conn": "c1@w1", "transport": "t"}, None)
+            assert await b1.members("room") == []  # its own are not "the other workers'"
             bob = {"client": "bob", "conn": "c1@w2", "transport": "t"}
             await b2.join("room")
             joined = encode_presence_event("join", "room", bob)
             b2.member_joined("room", bob, joined)
-            # Queued, not awaited: a request behind it on the same socket sees it.
-            assert await b1.members("room") == [bob]
+            # Queued, not awaited: a request behind it on the same socket sees it
+            # (and so does any request the sequencer reads after that one).
             assert await b2.members("room") == [{"client": "a", "conn": "c1@w1", "transport": "t"}]
+            assert await b1.members("room") == [bob]
             await watcher.wait_for(1)
             assert watcher.got == [joined]
             left = encode_presence_event("leave", "room", bob)
