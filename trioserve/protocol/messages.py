@@ -20,6 +20,7 @@ __all__ = [
     "Command",
     "ProtocolError",
     "encode_error",
+    "encode_presence_event",
     "encode_publication",
     "encode_reply",
     "parse_command",
@@ -173,3 +174,9 @@ def encode_publication(topic: str, offset: int, data: Any) -> bytes:
     # orjson's result sits in a ~4 KB allocation whatever its length; a
     # publication may wait in the hub's inbox, so keep an exact-size copy.
     return bytes(memoryview(encoded))
+
+
+def encode_presence_event(op: str, topic: str, client: Any) -> bytes:
+    """A ``join`` or ``leave`` event: ``{"op":"join","topic":...,"client":{...}}``
+    (*client* as the presence list shows it). No offset, never in history."""
+    return orjson.dumps({"op": op, "topic": topic, "client": client})

@@ -19,6 +19,7 @@ from ..protocol.messages import (
     Command,
     ProtocolError,
     encode_error,
+    encode_presence_event,
     encode_reply,
     parse_command,
 )
@@ -177,21 +178,40 @@ def _rate_message(server: PushContext) -> str:
             "or the server closes the connection (4029)")
 
 
-def client_info(conn: Client) -> dict[str, Any]:
-    """How *conn* appears in presence lists and join/leave events."""
+def client_info(conn: Client, node: str = "") -> dict[str, Any]:
+    """How *conn* appears in presence lists and join/leave events. *node* (the
+    broker's, in a cluster) makes ``conn`` unique across it: ``c12@w2``."""
     sub = conn.claims.sub if conn.claims is not None else "anonymous"
-    return {"client": sub, "conn": f"c{conn.id}", "transport": conn.transport_name}
+    return {"client": sub, "conn": f"c{conn.id}@{node}" if node else f"c{conn.id}",
+            "transport": conn.transport_name}
 
 
-def _presence_event(op: str, topic: str, conn: Client) -> bytes:
-    return orjson.dumps({"op": op, "topic": topic, "client": client_info(conn)})
+def _member(server: PushContext, conn: Client, topic: str, op: str) -> None:
+    """*conn* has just joined (subscribed to) or left *topic*: tell the topic's
+    subscribers here (with presence events) and, through a broker that shares
+    presence, the other nodes. Called once per subscribe or unsubscribe."""
+    events = server.config.presence_events_for(topic)
+    broker = server.hub.broker
+    if not broker.shares_presence:
+        if events:
+            server.hub.send_event(topic, encode_presence_event(op, topic, client_info(conn)),
+                                  exclude=conn)
+        return
+    member = client_info(conn, broker.node)
+    event = encode_presence_event(op, topic, member) if events else None
+    if event is not None:
+        server.hub.send_event(topic, event, exclude=conn)
+    if op == "join":
+        broker.member_joined(topic, member, event)
+    else:
+        broker.member_left(topic, member, event)
 
 
 def leave_all(server: PushContext, conn: Client, topics: frozenset[str]) -> None:
-    """Tell the rest of each topic with presence events that *conn* has left."""
+    """Tell each of *topics* (with presence events, or a broker that shares
+    presence) that *conn* has left: it disconnected."""
     for topic in topics:
-        if server.config.presence_events_for(topic):
-            server.hub.send_event(topic, _presence_event("leave", topic, conn), exclude=conn)
+        _member(server, conn, topic, "leave")
 
 
 def _forbidden(cmd: Command, what: str) -> ProtocolError:
@@ -207,8 +227,8 @@ async def _dispatch(conn: Client, server: PushContext, cmd: Command) -> bytes:
         assert claims is not None
         return await _subscribe(conn, server, cmd, claims)
     if op == "unsubscribe":
-        if hub.unsubscribe(conn, cmd.topic) and server.config.presence_events_for(cmd.topic):
-            hub.send_event(cmd.topic, _presence_event("leave", cmd.topic, conn))
+        if hub.unsubscribe(conn, cmd.topic):
+            _member(server, conn, cmd.topic, "leave")
         return encode_reply(cmd.id, topic=cmd.topic)
     if op == "publish":
         _check_publish(conn, server, cmd)
@@ -223,7 +243,14 @@ async def _dispatch(conn: Client, server: PushContext, cmd: Command) -> bytes:
             raise _forbidden(cmd, "the token does not allow presence")
         # Every subscriber is a Client: connections subscribe through this handler
         # or through hub.subscribe(conn, ...) from a server's own handler.
-        clients = [client_info(cast(Client, c)) for c in hub.subscribers(cmd.topic)]
+        try:
+            others = await hub.broker.members(cmd.topic) if hub.broker.shares_presence else None
+        except BrokerUnavailable as exc:
+            raise ProtocolError(ErrorCode.UNAVAILABLE, str(exc), cmd.id) from None
+        node = hub.broker.node
+        clients = [client_info(cast(Client, c), node) for c in hub.subscribers(cmd.topic)]
+        if others:
+            clients += others
         return encode_reply(cmd.id, topic=cmd.topic, clients=clients)
     if op in ("connect", "refresh"):
         return _authenticate(conn, server, cmd)
@@ -284,8 +311,8 @@ async def _subscribe(conn: Client, server: PushContext, cmd: Command, claims: Cl
             "recovered": recovered,
             "publications": [orjson.Fragment(p) for p in recovery.publications] if recovered else [],
         }
-    if hub.subscribe(conn, topic) and server.config.presence_events_for(topic):
-        hub.send_event(topic, _presence_event("join", topic, conn), exclude=conn)
+    if hub.subscribe(conn, topic):
+        _member(server, conn, topic, "join")
     return encode_reply(cmd.id, topic=topic, **fields)
 
 

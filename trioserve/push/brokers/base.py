@@ -37,6 +37,10 @@ class HubPort(Protocol):
 
     def forget_history(self, topic: str) -> None: ...
 
+    def send_event(self, topic: str, payload: bytes, exclude: Any = None) -> None:
+        """Send a non-publication JSON *payload* (a presence event) to *topic*'s
+        subscribers here, now."""
+
 
 class BrokerUnavailable(Exception):
     """The broker cannot be reached; the publisher should retry later."""
@@ -51,6 +55,16 @@ class Broker:
     #: True when :meth:`publish_many` sends a run of publications together (many
     #: in flight at once): the push handler then hands it a client's burst whole.
     pipelined: bool = False
+
+    #: True when this broker keeps presence for the whole cluster: the push handler
+    #: then calls :meth:`member_joined`, :meth:`member_left` and :meth:`members`.
+    #: False (the memory broker, one process): it calls none of them, so presence
+    #: costs exactly what it does without a broker, and lists this hub's subscribers.
+    shares_presence: bool = False
+    #: This node's name in a member's ``conn`` id (``c12@w2``), unique in the
+    #: cluster; "" for one process (``c12``). Read once a connection subscribes,
+    #: so a broker that learns it from its peer sets it before :meth:`run` starts.
+    node: str = ""
 
     hub: HubPort
 
@@ -111,3 +125,22 @@ class Broker:
         after *after* (at most *limit*), and the offset the run reaches.
         Memory brokers have nothing to add to the hub's own history."""
         return [], after
+
+    # --- presence (only called when shares_presence is True) ---------------------------
+
+    def member_joined(self, topic: str, member: dict[str, Any], event: bytes | None) -> None:
+        """A connection here subscribed to *topic*: *member* is how presence shows it
+        (``{"client","conn","transport"}``, ``conn`` unique in the cluster). *event* is
+        the ``join`` event to deliver to *topic*'s subscribers on every other node
+        (this node's have had it), or None when the topic has no presence events.
+        Synchronous: queue it and return, never wait (a subscribe's hot path)."""
+
+    def member_left(self, topic: str, member: dict[str, Any], event: bytes | None) -> None:
+        """The connection *member* here left *topic* (unsubscribed, or disconnected):
+        as :meth:`member_joined`, with the ``leave`` event."""
+
+    async def members(self, topic: str) -> list[dict[str, Any]] | None:
+        """*topic*'s members on the other nodes (the handler adds this hub's own
+        subscribers), or None when this node's subscribers are the whole answer.
+        Raises :class:`BrokerUnavailable`."""
+        return None

@@ -15,6 +15,11 @@ like Redis:
   the hub whole, with no checkpoint between publications, so a burst becomes
   one fan-out batch here as it does in a single process.
 - **fetch** and **head** ask the sequencer, which keeps the history ring.
+- **presence**: this worker's members go to the sequencer as ``mjoin`` and
+  ``mleave`` frames, queued with the rest (no wait, one per subscribe or
+  unsubscribe); ``members`` asks it for the other workers'; a join/leave event
+  from another worker arrives as ``ev`` and goes to the hub's subscribers.
+  Member ids carry ``@w<worker id>`` (:attr:`node`, from the ``hello``).
 - **flush** (a drain) sends ``sync``: its reply comes after every relay
   sequenced before it, so the drain delivers all of them before its 1001.
 
@@ -76,6 +81,7 @@ class InHostBroker(Broker):
 
     synchronous = False
     pipelined = True
+    shares_presence = True
 
     def __init__(self, path: str | Path):
         self.path = str(path)
@@ -153,6 +159,18 @@ class InHostBroker(Broker):
 
     def joined(self, topic: str) -> bool:
         return topic in self._enqueued
+
+    def member_joined(self, topic: str, member: dict[str, Any], event: bytes | None) -> None:
+        if not self.lost.is_set():
+            self._send(encode_frame(["mjoin", topic, member], event or b""))
+
+    def member_left(self, topic: str, member: dict[str, Any], event: bytes | None) -> None:
+        if not self.lost.is_set():
+            self._send(encode_frame(["mleave", topic, member["conn"]], event or b""))
+
+    async def members(self, topic: str) -> list[dict[str, Any]] | None:
+        result: list[dict[str, Any]] = await self._call(["members", None, topic], _members)
+        return result
 
     async def head(self, topic: str) -> tuple[str, int]:
         if topic in self._enqueued:
@@ -247,8 +265,11 @@ class InHostBroker(Broker):
                 waiter.settle(index, decode(header, payload))
             else:
                 waiter.settle(index, BrokerUnavailable(str(header[2])))
+        elif kind == "ev":
+            self.hub.send_event(header[1], payload)
         elif kind == "hello":
             self._epoch = str(header[1])
+            self.node = f"w{header[2]}"
         else:
             raise FrameError(f"unknown frame {header!r:.100}")
 
@@ -290,6 +311,11 @@ class InHostBroker(Broker):
 
 def _offset(header: list[Any], payload: bytes) -> int:
     return int(header[2])
+
+
+def _members(header: list[Any], payload: bytes) -> list[dict[str, Any]]:
+    members: list[dict[str, Any]] = orjson.loads(payload)
+    return members
 
 
 def _fetched(header: list[Any], payload: bytes) -> tuple[list[tuple[int, bytes]], int]:

@@ -63,8 +63,9 @@ class RelayServer:
 
     async def _serve_worker(self, worker: int, stream: trio.SocketStream, scope: trio.CancelScope) -> None:
         seq = self.sequencer
-        seq.connect(worker)
+        seq.connect(worker)  # drops a replaced connection's members: leave events to wake for
         wake = self._wakes[worker] = trio.lowlevel.ParkingLot()
+        self._wake_ready()
         log.debug("worker %d connected", worker)
         try:
             with scope:
@@ -82,6 +83,7 @@ class RelayServer:
                 del self._scopes[worker]
                 seq.disconnect(worker)
                 self._wakes.pop(worker, None)
+                self._wake_ready()  # its members' leave events, for the others
             log.debug("worker %d disconnected", worker)
 
     async def _read(self, worker: int, stream: trio.SocketStream) -> None:
@@ -90,10 +92,13 @@ class RelayServer:
         while data := await stream.receive_some(CHUNK):
             for header, payload in reader.feed(data):
                 seq.handle(worker, header, payload)
-            for w in seq.ready:
-                wake = self._wakes.get(w)
-                if wake:
-                    wake.unpark_all()
+            self._wake_ready()
+
+    def _wake_ready(self) -> None:
+        for w in self.sequencer.ready:
+            wake = self._wakes.get(w)
+            if wake:
+                wake.unpark_all()
 
     async def _write(self, worker: int, stream: trio.SocketStream, wake: trio.lowlevel.ParkingLot,
                      scope: trio.CancelScope) -> None:

@@ -12,6 +12,11 @@ their own Unix socket (:mod:`.inhost` is their side), and the sequencer:
   workers' hubs fan out as they are;
 - **keeps the history ring** by the config's ``history_for`` (size, ttl,
   rules), and answers ``fetch`` and ``head`` for any worker, joined or not;
+- **keeps presence**: each topic's members per worker (``mjoin``/``mleave``,
+  one frame per subscribe or unsubscribe, never per publication), answers
+  ``members`` with the other workers' members, relays a join/leave event to the
+  other workers that joined the topic, and drops a worker's members when its
+  socket closes (a leave event for each on topics with presence events);
 - **relays** a publication only to the workers that joined its topic, into
   each worker's outbox. The socket part sends an outbox whole: one write
   carries everything waiting, and a worker reading it hands its hub the whole
@@ -30,11 +35,16 @@ worker → sequencer                         sequencer → worker
 ``["head", id, topic]``                    ``["ok", id, position]``
 ``["fetch", id, topic, after, limit]``     ``["ok", id, upto, [len, ...]]`` + payloads
 ``["sync", id]``                           ``["ok", id, 0]`` after every earlier relay
+``["mjoin", topic, member]`` + event       (nothing; the event, if any, is relayed)
+``["mleave", topic, conn]`` + event        (nothing; the event, if any, is relayed)
+``["members", id, topic]``                 ``["ok", id, count]`` + the other workers'
+                                           members, a JSON array
 =========================================  ======================================
 
 A refusal is ``["err", id, message]``. On connecting, a worker first gets
 ``["hello", epoch, worker_id]``. Relays are ``["m", topic, offset]`` + the
-publication's JSON.
+publication's JSON; relayed presence events are ``["ev", topic]`` + the
+event's JSON, for the worker's hub to send to the topic's subscribers as it is.
 """
 
 from __future__ import annotations
@@ -46,6 +56,7 @@ from typing import Any
 
 import orjson
 
+from ...protocol.messages import encode_presence_event
 from ..history import History, Policy
 from .wire import encode_frame
 
@@ -89,6 +100,9 @@ class Sequencer:
         self._outboxes: dict[int, bytearray] = {}
         self._joined: dict[str, set[int]] = {}
         self._topics_of: dict[int, set[str]] = {}
+        # Presence: topic -> worker -> conn id -> (member, whether its topic has events).
+        self._members: dict[str, dict[int, dict[str, tuple[dict[str, Any], bool]]]] = {}
+        self._member_topics: dict[int, set[str]] = {}
         self.publications = 0
 
     # --- connections -------------------------------------------------------------------
@@ -101,7 +115,16 @@ class Sequencer:
         self.ready.add(worker)
 
     def disconnect(self, worker: int) -> None:
-        """A worker's socket closed: it joins nothing any more, and its outbox goes."""
+        """A worker's socket closed: it joins nothing any more, its members leave
+        (with a leave event to the other workers where the topic has events), and
+        its outbox goes."""
+        for topic in self._member_topics.pop(worker, ()):
+            gone = self._members[topic].pop(worker, {})
+            if not self._members[topic]:
+                del self._members[topic]
+            for member, events in gone.values():
+                if events:
+                    self._relay_event(worker, topic, encode_presence_event("leave", topic, member))
         for topic in self._topics_of.pop(worker, ()):
             self._leave(worker, topic)
         self._outboxes.pop(worker, None)
@@ -147,6 +170,13 @@ class Sequencer:
                 self._fetch(worker, header[1], _topic(header[2]), header[3], header[4])
             elif kind == "sync":
                 self._reply(worker, ["ok", header[1], 0])
+            elif kind == "mjoin":
+                self._member_joined(worker, _topic(header[1]), header[2], payload)
+            elif kind == "mleave":
+                self._member_left(worker, _topic(header[1]), header[2], payload)
+            elif kind == "members":
+                members = self.members(_topic(header[2]), exclude=worker)
+                self._reply(worker, ["ok", header[1], len(members)], orjson.dumps(members))
             else:
                 raise ValueError(f"unknown request {kind!r}")
         except (IndexError, TypeError, ValueError) as exc:
@@ -215,6 +245,47 @@ class Sequencer:
                 break
             run.append((after + 1 + i, payload))
         return run, after + len(run)
+
+    # --- presence ----------------------------------------------------------------------
+
+    def _member_joined(self, worker: int, topic: str, member: Any, event: bytes) -> None:
+        if not isinstance(member, dict) or not isinstance(member.get("conn"), str):
+            raise TypeError(f"a member is an object with a conn, got {member!r:.100}")
+        if worker not in self._outboxes:
+            return  # gone meanwhile
+        self._members.setdefault(topic, {}).setdefault(worker, {})[member["conn"]] = (member, bool(event))
+        self._member_topics.setdefault(worker, set()).add(topic)
+        self._relay_event(worker, topic, event)
+
+    def _member_left(self, worker: int, topic: str, conn: Any, event: bytes) -> None:
+        if not isinstance(conn, str):
+            raise TypeError(f"a member's conn is a string, got {conn!r:.100}")
+        by_worker = self._members.get(topic)
+        held = by_worker.get(worker) if by_worker is not None else None
+        if by_worker is None or held is None or held.pop(conn, None) is None:
+            return  # not a member: nobody heard it join
+        if not held:
+            del by_worker[worker]
+            self._member_topics[worker].discard(topic)
+            if not by_worker:
+                del self._members[topic]
+        self._relay_event(worker, topic, event)
+
+    def _relay_event(self, source: int, topic: str, event: bytes) -> None:
+        """*event* to every other worker that joined *topic*; its hub sends it on."""
+        if not event:
+            return
+        frame = None
+        for w in self._joined.get(topic, ()):
+            if w != source:
+                frame = frame or encode_frame(["ev", topic], event)
+                self._outboxes[w] += frame
+                self.ready.add(w)
+
+    def members(self, topic: str, exclude: int | None = None) -> list[dict[str, Any]]:
+        """*topic*'s members on every worker but *exclude*, by worker."""
+        return [member for worker, held in sorted(self._members.get(topic, {}).items())
+                if worker != exclude for member, _ in held.values()]
 
     def joined(self, topic: str) -> frozenset[int]:
         return frozenset(self._joined.get(topic, ()))

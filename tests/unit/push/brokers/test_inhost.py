@@ -248,3 +248,48 @@ async def test_a_history_page_says_when_history_no_longer_reaches_back() -> None
             assert await hub1.history_page("t", 0, 10) == ((), False)
             assert await hub1.history_page("never", 0, 10) == ((), True)
             h.nursery.cancel_scope.cancel()
+
+
+async def test_presence_spans_workers_and_a_gone_workers_members_leave() -> None:
+    from trioserve.protocol.messages import encode_presence_event
+
+    with trio.fail_after(LIMIT):
+        async with host() as h:
+            hub1, b1 = await h.worker(1)
+            b2 = InHostBroker(h.dir / "b2.sock")
+            Hub(broker=b2)
+            gone = trio.CancelScope()
+
+            async def run2(task_status: trio.TaskStatus[None]) -> None:
+                with gone:
+                    await b2.run(task_status=task_status)
+
+            await h.nursery.start(run2)
+            assert (b1.node, b2.node) == ("w1", "w2") and b1.shares_presence
+            watcher = Sub()
+            await b1.join("room")
+            hub1.subscribe(watcher, "room")  # type: ignore[arg-type]
+            b1.member_joined("room", {"client": "a", "conn": "c1@w1", "transport": "t"}, None)
+            assert await b1.members("room") == []  # its own are not "the other workers'"
+            bob = {"client": "bob", "conn": "c1@w2", "transport": "t"}
+            await b2.join("room")
+            joined = encode_presence_event("join", "room", bob)
+            b2.member_joined("room", bob, joined)
+            # Queued, not awaited: a request behind it on the same socket sees it
+            # (and so does any request the sequencer reads after that one).
+            assert await b2.members("room") == [{"client": "a", "conn": "c1@w1", "transport": "t"}]
+            assert await b1.members("room") == [bob]
+            await watcher.wait_for(1)
+            assert watcher.got == [joined]
+            left = encode_presence_event("leave", "room", bob)
+            b2.member_left("room", bob, left)
+            await watcher.wait_for(2)
+            assert watcher.got[1] == left and await b1.members("room") == []
+            # Worker 2 goes (its socket closes): its members leave, with their events.
+            b2.member_joined("room", bob, joined)
+            await watcher.wait_for(3)
+            gone.cancel()
+            await watcher.wait_for(4)
+            assert watcher.got[3] == left
+            assert await b1.members("room") == []
+            h.nursery.cancel_scope.cancel()
