@@ -13,6 +13,15 @@ Keys per topic T (a Redis Cluster would hash them to one slot thanks to ``{T}``)
 One Lua script assigns offsets, appends to history and publishes, so offsets
 are gapless and in the same order on every node.
 
+**Publishing.** ``publish()`` puts the publication in this node's queue and
+waits. One sender task takes everything waiting and sends it to Redis as one
+script call per topic, which assigns the publications consecutive offsets and
+answers with the first: N concurrent publications cost one round trip and one
+script run, not N. A batch is sent once and never again: if its call fails or
+times out, every publisher in it gets :class:`BrokerUnavailable` (the script
+may still run once Redis recovers, and a second send would publish it twice
+under new offsets).
+
 **Reading.** Each node subscribes only to topics it has local subscribers for,
 on its own pub/sub connection (redis_pubsub.py), which hands over everything
 that arrived in one read. The consumer checks each publication with the
@@ -32,6 +41,7 @@ import logging
 import math
 import secrets
 import time
+from collections import deque
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -51,13 +61,17 @@ from .redis_sequencer import Message, Sequencer, Verdict, parse_message
 if TYPE_CHECKING:
     from ...config import Config
 
-__all__ = ["PUBLISH_SCRIPT", "RedisBroker", "publish_call"]
+__all__ = ["MAX_PUBLISH_BATCH", "MAX_PUBLISH_BYTES", "PUBLISH_SCRIPT", "RedisBroker", "publish_call"]
 
 log = logging.getLogger("trioserve.brokers.redis")
 
 # offset, history and epoch kept at least this long (seconds) after the last
 # publish; all three expire together, so an expired topic comes back with a new epoch.
 _KEEP = 86400
+
+#: Publications of one script call at most, and their JSON bytes (at least one is sent).
+MAX_PUBLISH_BATCH = 1024
+MAX_PUBLISH_BYTES = 1024 * 1024
 
 #: KEYS: offset, history, epoch. ARGV: channel, a new epoch (if the topic has
 #: none), now (ms), history size, history TTL (s), the minimum TTL (s), the
@@ -125,6 +139,33 @@ def publish_call(topic: str, suffixes: list[bytes], size: int, ttl: float
                                 math.ceil(ttl), _KEEP, prefix, *suffixes]
 
 
+class _Publication:
+    """One publish() waiting for its offset."""
+
+    __slots__ = ("done", "error", "offset", "queued", "suffix", "topic")
+
+    def __init__(self, topic: str, suffix: bytes) -> None:
+        self.topic = topic
+        self.suffix = suffix
+        self.offset = 0
+        self.error: BaseException | None = None
+        self.queued = True
+        self.done = trio.Event()
+
+
+def take_batch(queue: deque[Any], max_count: int = MAX_PUBLISH_BATCH,
+               max_bytes: int = MAX_PUBLISH_BYTES) -> list[Any]:
+    """The oldest waiting publications (at least one) within the batch limits."""
+    first = queue.popleft()
+    batch = [first]
+    size = len(first.suffix)
+    while queue and len(batch) < max_count and size + len(queue[0].suffix) <= max_bytes:
+        pub = queue.popleft()
+        batch.append(pub)
+        size += len(pub.suffix)
+    return batch
+
+
 class RedisBroker(Broker):
     """Publications through Redis (coredis), for several processes or hosts."""
 
@@ -153,7 +194,11 @@ class RedisBroker(Broker):
         self._position_script = self._client.register_script(_POSITION)
         self._pubsub: PubSubConnection | None = None
         self._seq = Sequencer()
-        # Publications sent and not yet answered.
+        # Publications waiting for the sender, and those it is sending.
+        self._queue: deque[_Publication] = deque()
+        self._sending: list[_Publication] = []
+        self._queued = trio.lowlevel.ParkingLot()
+        # Publications accepted and not yet answered (queued or sent).
         self._inflight = 0
         self._progress = trio.lowlevel.ParkingLot()
         self._lock = trio.Lock()
@@ -170,18 +215,22 @@ class RedisBroker(Broker):
         return self._seq.epoch(topic)
 
     async def publish(self, topic: str, data: Any) -> int:
-        size, ttl = self.config.history_for(topic)
-        keys, args = publish_call(topic, [b',"data":' + orjson.dumps(data) + b"}"], size, ttl)
+        pub = _Publication(topic, b',"data":' + orjson.dumps(data) + b"}")
+        self._queue.append(pub)
         self._inflight += 1
+        if self._queued:
+            self._queued.unpark_all()
         try:
-            offset, _ = await self._run_script(self._publish_script, keys=keys, args=args)
-        except _ERRORS as exc:
-            raise BrokerUnavailable(f"redis: {exc}") from None
-        finally:
-            self._finished(1)
-        offset = int(offset)
-        self._seq.published(topic, offset)
-        return offset
+            await pub.done.wait()
+        except BaseException:
+            if pub.queued:  # not sent yet: take it back, so it never happens
+                self._queue.remove(pub)
+                pub.queued = False
+                self._finished(1)
+            raise
+        if pub.error is not None:
+            raise pub.error
+        return pub.offset
 
     async def flush(self) -> None:
         # A publish returns when Redis took it, but this node receives it back
@@ -261,7 +310,8 @@ class RedisBroker(Broker):
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         started = False
         backoff = 0.1
-        async with self._client:
+        async with self._client, trio.open_nursery() as nursery:
+            nursery.start_soon(self._send_loop)
             while True:
                 try:
                     pubsub = await self._open_pubsub()
@@ -385,6 +435,55 @@ class RedisBroker(Broker):
             self._hand_over(topic, message.offset, message.payload)
 
     # --- publishing --------------------------------------------------------------------
+
+    async def _send_loop(self) -> None:
+        """Send what waits in the queue, one batch at a time."""
+        queue = self._queue
+        try:
+            while True:
+                while not queue:
+                    await self._queued.park()
+                batch = self._sending = take_batch(queue)
+                groups: dict[str, list[_Publication]] = {}
+                for pub in batch:
+                    pub.queued = False
+                    groups.setdefault(pub.topic, []).append(pub)
+                if len(groups) == 1:
+                    await self._send_group(batch[0].topic, batch)
+                else:  # one script call per topic, sent together
+                    async with trio.open_nursery() as nursery:
+                        for topic, pubs in groups.items():
+                            nursery.start_soon(self._send_group, topic, pubs)
+                # Answered in queue order, so one connection's replies keep theirs.
+                self._sending = []
+                for pub in batch:
+                    pub.done.set()
+                self._finished(len(batch))
+        finally:
+            # The broker stops: nothing more will be sent.
+            stopped = [*self._sending, *queue]
+            queue.clear()
+            for pub in stopped:
+                if not pub.done.is_set():
+                    pub.queued = False
+                    pub.error = BrokerUnavailable("the broker stopped")
+                    pub.done.set()
+            self._finished(len(stopped))
+
+    async def _send_group(self, topic: str, pubs: list[_Publication]) -> None:
+        """One script call for *pubs* (all of *topic*): each gets its offset or the error."""
+        size, ttl = self.config.history_for(topic)
+        keys, args = publish_call(topic, [p.suffix for p in pubs], size, ttl)
+        try:
+            first, _ = await self._run_script(self._publish_script, keys=keys, args=args)
+        except _ERRORS as exc:
+            for pub in pubs:
+                pub.error = BrokerUnavailable(f"redis: {exc}")
+            return
+        first = int(first)
+        for n, pub in enumerate(pubs):
+            pub.offset = first + n
+        self._seq.published(topic, first + len(pubs) - 1)
 
     def _finished(self, count: int) -> None:
         self._inflight -= count
