@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Protocol, cast
 
 import orjson
+import trio
 
 from ..protocol.claims import AuthError, Claims
 from ..protocol.codes import CloseCode, ErrorCode
@@ -23,8 +24,8 @@ from ..protocol.messages import (
     parse_command,
 )
 from .brokers import BrokerUnavailable
-from .hub import Subscriber
-from .service import HubContext, PublishRefused, publish
+from .hub import PublishResult, Subscriber
+from .service import HubContext, PublishRefused, publish, publish_later
 
 __all__ = ["MAX_RECOVERY_BYTES", "Client", "PushContext", "client_info", "leave_all", "push_handler"]
 
@@ -71,19 +72,52 @@ class PushContext(HubContext, Protocol):
 
 #: Publications one recovering subscribe reply may carry, in bytes.
 MAX_RECOVERY_BYTES = 1024 * 1024 - 4096
+#: A connection's publications queued with a pipelined broker and not yet
+#: answered, at most; past it the handler waits for their answers.
+MAX_AHEAD = 1024
+
+
+class _Ahead:
+    """A connection's publications queued with a pipelined broker (Redis) ahead
+    of their answers. Their replies are sent as the broker answers, in order;
+    any other reply waits until they are all out, so replies keep the order of
+    the commands."""
+
+    __slots__ = ("_idle", "count")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._idle: trio.Event | None = None
+
+    def answered(self) -> None:
+        self.count -= 1
+        if not self.count and self._idle is not None:
+            self._idle.set()
+            self._idle = None
+
+    async def wait(self) -> None:
+        """Until every queued publication has been answered (no checkpoint if none waits)."""
+        while self.count:
+            if self._idle is None:
+                self._idle = trio.Event()
+            await self._idle.wait()
 
 
 async def push_handler(conn: Client, server: PushContext) -> None:
     """Serve the push protocol on *conn* until it closes (ConnectionClosed)."""
+    ahead: _Ahead | None = None
     while True:
-        # No locals survive into the wait for the next message: an idle
+        if ahead is not None and not ahead.count:
+            ahead = None
+        # No other locals survive into the wait for the next message: an idle
         # connection would otherwise keep its last command and reply alive
         # (an orjson result occupies ~4 KB whatever its length). And receive()
         # rather than ``async for``: one coroutine frame less per connection.
-        await _handle(conn, server, await conn.receive())
+        ahead = await _handle(conn, server, await conn.receive(), ahead)
 
 
-async def _handle(conn: Client, server: PushContext, message: str | bytes) -> None:
+async def _handle(conn: Client, server: PushContext, message: str | bytes,
+                  ahead: _Ahead | None) -> _Ahead | None:
     # Counted before parsing, so malformed messages count too.
     allowed = conn.check_rate()
     try:
@@ -94,11 +128,49 @@ async def _handle(conn: Client, server: PushContext, message: str | bytes) -> No
             # Only TCP connections start without claims, when a token is required.
             conn.start_close(CloseCode.UNAUTHORIZED,
                              'unauthorized: send {"op":"connect","token":...} first')
-            return
+            return ahead
+        if cmd.op == "publish" and server.hub.broker.pipelined:
+            queued = _publish_ahead(conn, server, cmd, ahead)
+            if queued is not None:
+                return queued
+        if ahead is not None:
+            await ahead.wait()
         reply = await _dispatch(conn, server, cmd)
     except ProtocolError as exc:
+        if ahead is not None:
+            await ahead.wait()
         reply = encode_error(exc.code, exc.message, exc.id)
     conn.send_encoded(reply)
+    return ahead
+
+
+def _publish_ahead(conn: Client, server: PushContext, cmd: Command, ahead: _Ahead | None) -> _Ahead | None:
+    """Queue a publish with a pipelined broker without waiting for its answer,
+    so a burst of publishes read in one chunk reaches the broker together; the
+    reply goes out when the broker answers. None if it was not queued (not a
+    pipelined broker, its queue is full, or MAX_AHEAD): publish as usual."""
+    _check_may_publish(conn, server, cmd)
+    if ahead is None:
+        ahead = _Ahead()
+    elif ahead.count >= MAX_AHEAD:
+        return None
+    cmd_id = cmd.id
+    line = ahead
+
+    def reply(result: PublishResult | PublishRefused) -> None:
+        line.answered()
+        if isinstance(result, PublishRefused):
+            conn.send_encoded(encode_error(result.code, result.message, cmd_id))
+        else:
+            conn.send_encoded(encode_reply(cmd_id, offset=result.offset, subscribers=result.subscribers))
+
+    try:
+        if not publish_later(server.hub, cmd.topic, cmd.fields["data"], reply):
+            return None
+    except PublishRefused as exc:
+        raise ProtocolError(exc.code, exc.message, cmd.id) from None
+    ahead.count += 1
+    return ahead
 
 
 def _rate_message(server: PushContext) -> str:
@@ -141,11 +213,7 @@ async def _dispatch(conn: Client, server: PushContext, cmd: Command) -> bytes:
             hub.send_event(cmd.topic, _presence_event("leave", cmd.topic, conn))
         return encode_reply(cmd.id, topic=cmd.topic)
     if op == "publish":
-        assert claims is not None
-        allowed = server.config.client_publish if claims.anonymous else claims.may_publish(cmd.topic)
-        if not allowed:
-            raise _forbidden(cmd, "client publish is disabled on this server (--client-publish)"
-                             if claims.anonymous else f"the token does not allow publishing to {cmd.topic}")
+        _check_may_publish(conn, server, cmd)
         try:
             result = await publish(hub, cmd.topic, cmd.fields["data"], wait=True)
         except PublishRefused as exc:
@@ -166,6 +234,15 @@ async def _dispatch(conn: Client, server: PushContext, cmd: Command) -> bytes:
         return encode_reply(cmd.id, **(await custom(conn, cmd) or {}))
     # "ping": the only other op parse_command accepts.
     return encode_reply(cmd.id, op="pong")
+
+
+def _check_may_publish(conn: Client, server: PushContext, cmd: Command) -> None:
+    claims = conn.claims
+    assert claims is not None
+    allowed = server.config.client_publish if claims.anonymous else claims.may_publish(cmd.topic)
+    if not allowed:
+        raise _forbidden(cmd, "client publish is disabled on this server (--client-publish)"
+                         if claims.anonymous else f"the token does not allow publishing to {cmd.topic}")
 
 
 async def _subscribe(conn: Client, server: PushContext, cmd: Command, claims: Claims) -> bytes:

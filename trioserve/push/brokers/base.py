@@ -8,11 +8,15 @@ pub/sub, so every node of a cluster sees the same offsets.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import trio
 
-__all__ = ["Broker", "BrokerUnavailable", "HubPort"]
+__all__ = ["Broker", "BrokerUnavailable", "HubPort", "Published"]
+
+#: Called once a queued publication is answered: ``(offset, None)``, or ``(0, error)``.
+Published = Callable[[int, BaseException | None], None]
 
 
 class HubPort(Protocol):
@@ -47,6 +51,10 @@ class Broker:
     #: True when publishing completes without I/O: the hub then publishes with
     #: no checkpoint, so a burst from one reader becomes one fan-out batch.
     synchronous: bool = True
+    #: True when :meth:`publish_later` works: an asynchronous broker can then
+    #: take a connection's publications one after another, without waiting for
+    #: each one's answer, and send them on together.
+    pipelined: bool = False
 
     hub: HubPort
 
@@ -68,6 +76,13 @@ class Broker:
 
     async def publish(self, topic: str, data: Any) -> int:
         """Publish; returns the offset. Raises :class:`BrokerUnavailable`."""
+        raise NotImplementedError
+
+    def publish_later(self, topic: str, data: Any, done: Published) -> bool:
+        """Queue a publication without waiting (pipelined brokers only); *done*
+        is called with its offset or error later, in the order of the calls.
+        Returns False, having queued nothing, when the queue is full: the
+        caller should ``await publish()`` instead."""
         raise NotImplementedError
 
     async def flush(self) -> None:

@@ -54,14 +54,15 @@ from coredis.connection import TCPLocation
 
 from ...config import redact_url
 from ...protocol.codes import CloseCode
-from .base import Broker, BrokerUnavailable
+from .base import Broker, BrokerUnavailable, Published
 from .redis_pubsub import PubSubConnection
 from .redis_sequencer import Message, Sequencer, Verdict, parse_message
 
 if TYPE_CHECKING:
     from ...config import Config
 
-__all__ = ["MAX_PUBLISH_BATCH", "MAX_PUBLISH_BYTES", "PUBLISH_SCRIPT", "RedisBroker", "publish_call"]
+__all__ = ["MAX_PUBLISH_BATCH", "MAX_PUBLISH_BYTES", "MAX_QUEUED", "PUBLISH_SCRIPT", "RedisBroker",
+           "publish_call", "take_batch"]
 
 log = logging.getLogger("trioserve.brokers.redis")
 
@@ -72,6 +73,9 @@ _KEEP = 86400
 #: Publications of one script call at most, and their JSON bytes (at least one is sent).
 MAX_PUBLISH_BATCH = 1024
 MAX_PUBLISH_BYTES = 1024 * 1024
+#: Publications waiting in the queue beyond which publish_later() refuses (its
+#: caller then waits in publish()).
+MAX_QUEUED = 10_000
 
 #: KEYS: offset, history, epoch. ARGV: channel, a new epoch (if the topic has
 #: none), now (ms), history size, history TTL (s), the minimum TTL (s), the
@@ -140,17 +144,29 @@ def publish_call(topic: str, suffixes: list[bytes], size: int, ttl: float
 
 
 class _Publication:
-    """One publish() waiting for its offset."""
+    """One publication waiting for its offset: a publish() parked on *event*,
+    or a publish_later() whose *callback* the sender calls."""
 
-    __slots__ = ("done", "error", "offset", "queued", "suffix", "topic")
+    __slots__ = ("callback", "error", "event", "offset", "queued", "suffix", "topic")
 
-    def __init__(self, topic: str, suffix: bytes) -> None:
+    def __init__(self, topic: str, suffix: bytes, callback: Published | None = None) -> None:
         self.topic = topic
         self.suffix = suffix
         self.offset = 0
         self.error: BaseException | None = None
         self.queued = True
-        self.done = trio.Event()
+        self.callback = callback
+        self.event = trio.Event() if callback is None else None
+
+    def answer(self) -> None:
+        if self.event is not None:
+            self.event.set()
+        elif self.callback is not None:
+            callback, self.callback = self.callback, None
+            try:
+                callback(self.offset, self.error)
+            except Exception:
+                log.exception("a publish callback failed")
 
 
 def take_batch(queue: deque[Any], max_count: int = MAX_PUBLISH_BATCH,
@@ -170,6 +186,7 @@ class RedisBroker(Broker):
     """Publications through Redis (coredis), for several processes or hosts."""
 
     synchronous = False
+    pipelined = True
     #: Seconds to connect, and to wait for any answer (a publish batch, a
     #: subscribe, a PING); tests shorten them.
     connect_timeout = 2.0
@@ -216,12 +233,10 @@ class RedisBroker(Broker):
 
     async def publish(self, topic: str, data: Any) -> int:
         pub = _Publication(topic, b',"data":' + orjson.dumps(data) + b"}")
-        self._queue.append(pub)
-        self._inflight += 1
-        if self._queued:
-            self._queued.unpark_all()
+        self._enqueue(pub)
+        assert pub.event is not None
         try:
-            await pub.done.wait()
+            await pub.event.wait()
         except BaseException:
             if pub.queued:  # not sent yet: take it back, so it never happens
                 self._queue.remove(pub)
@@ -231,6 +246,18 @@ class RedisBroker(Broker):
         if pub.error is not None:
             raise pub.error
         return pub.offset
+
+    def publish_later(self, topic: str, data: Any, done: Published) -> bool:
+        if len(self._queue) >= MAX_QUEUED:
+            return False
+        self._enqueue(_Publication(topic, b',"data":' + orjson.dumps(data) + b"}", done))
+        return True
+
+    def _enqueue(self, pub: _Publication) -> None:
+        self._queue.append(pub)
+        self._inflight += 1
+        if self._queued:
+            self._queued.unpark_all()
 
     async def flush(self) -> None:
         # A publish returns when Redis took it, but this node receives it back
@@ -457,17 +484,16 @@ class RedisBroker(Broker):
                 # Answered in queue order, so one connection's replies keep theirs.
                 self._sending = []
                 for pub in batch:
-                    pub.done.set()
+                    pub.answer()
                 self._finished(len(batch))
         finally:
             # The broker stops: nothing more will be sent.
             stopped = [*self._sending, *queue]
             queue.clear()
             for pub in stopped:
-                if not pub.done.is_set():
-                    pub.queued = False
-                    pub.error = BrokerUnavailable("the broker stopped")
-                    pub.done.set()
+                pub.queued = False
+                pub.error = BrokerUnavailable("the broker stopped")
+                pub.answer()
             self._finished(len(stopped))
 
     async def _send_group(self, topic: str, pubs: list[_Publication]) -> None:
