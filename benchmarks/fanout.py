@@ -142,7 +142,7 @@ async def run_burst(workers: Workers, server: ServerProcess, publisher: WsClient
 def burst_line(n: int, b: dict[str, Any]) -> str:
     lat = b["latency"]
     broker = "" if b["broker_cpu_s"] is None else (
-        f", redis-server {report.fmt(b['broker_cpu_us_per_delivery'], '.2f')} us/delivery (together "
+        f", redis-server {report.fmt(b['broker_cpu_us_per_delivery'], '.3f')} us/delivery (together "
         f"{report.fmt(b['server_broker_cpu_us_per_delivery'], '.2f')})")
     batches = "" if b["fanout_batches"] is None else f", {b['fanout_batches']} fan-out batches"
     return (f"    burst {n}: {b['received']:,}/{b['expected']:,} delivered "
