@@ -54,6 +54,7 @@ class PubSubConnection:
         self._messages: list[tuple[bytes, bytes]] = []
         self._arrived = trio.lowlevel.ParkingLot()
         self._acks: dict[bytes, list[trio.Event]] = {}
+        self._lost = False
 
     @classmethod
     async def open(cls, host: str, port: int, *, ssl_context: ssl.SSLContext | None = None,
@@ -83,7 +84,16 @@ class PubSubConnection:
         return conn
 
     async def aclose(self) -> None:
+        self._give_up()
         await trio.aclose_forcefully(self._stream)
+
+    def _give_up(self) -> None:
+        """The connection is lost: wake whoever waits for a confirmation (they raise)."""
+        self._lost = True
+        for waiting in self._acks.values():
+            for event in waiting:
+                event.set()
+        self._acks.clear()
 
     async def _call(self, *command: Any) -> Any:
         """Send one command and read its reply (only before :meth:`run` starts)."""
@@ -98,8 +108,13 @@ class PubSubConnection:
         return reply
 
     async def _send(self, *command: Any) -> None:
-        async with self._send_lock:
-            await self._stream.send_all(hiredis.pack_command(command))
+        if self._lost:
+            raise PubSubLost("the pub/sub connection is closed")
+        try:
+            async with self._send_lock:
+                await self._stream.send_all(hiredis.pack_command(command))
+        except (trio.ClosedResourceError, trio.BrokenResourceError) as exc:
+            raise PubSubLost(f"the pub/sub connection is closed: {exc!r}") from None
 
     # --- subscriptions ---------------------------------------------------------------
 
@@ -115,6 +130,8 @@ class PubSubConnection:
         with trio.move_on_after(self._timeout):
             for event in waiting:
                 await event.wait()
+            if self._lost:
+                raise PubSubLost("the pub/sub connection was lost before SUBSCRIBE was confirmed")
             return
         raise TimeoutError(f"redis did not confirm SUBSCRIBE within {self._timeout}s")
 
@@ -137,6 +154,12 @@ class PubSubConnection:
     async def run(self) -> None:
         """Read until the connection fails (raises :class:`PubSubLost` or
         ``TimeoutError``); one checkpoint per chunk, never per message."""
+        try:
+            await self._read()
+        finally:
+            self._give_up()
+
+    async def _read(self) -> None:
         stream, reader = self._stream, self._reader
         pinged = False
         while True:

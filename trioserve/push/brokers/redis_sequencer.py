@@ -34,12 +34,16 @@ class Message(NamedTuple):
 
 def parse_message(channel: bytes, data: bytes) -> Message | None:
     """A channel message ``<epoch> <offset> <publication JSON>``, or None if
-    the channel is not a topic's (this node's own channel, say)."""
-    name = channel.decode()
+    the channel is not a topic's, or the message is not one of ours (anyone
+    can PUBLISH to a channel)."""
+    name = channel.decode(errors="replace")
     if not name.startswith(CHANNEL_PREFIX):
         return None
-    epoch, offset, payload = data.split(b" ", 2)
-    return Message(name[len(CHANNEL_PREFIX):], epoch.decode(), int(offset), payload)
+    try:
+        epoch, offset, payload = data.split(b" ", 2)
+        return Message(name[len(CHANNEL_PREFIX):], epoch.decode(), int(offset), payload)
+    except ValueError:  # UnicodeDecodeError is one too
+        return None
 
 
 class Verdict(enum.Enum):

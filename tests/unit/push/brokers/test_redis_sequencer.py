@@ -26,6 +26,12 @@ def test_parse_message_splits_epoch_offset_and_payload() -> None:
     assert parse_message(b"ts:node:1f2e", b"whatever") is None
 
 
+@pytest.mark.parametrize("data", [b"no-spaces", b"epoch notanumber {}", b"\xff 1 {}", b""])
+def test_a_message_that_is_not_ours_is_skipped(data: bytes) -> None:
+    # Anyone can PUBLISH to a topic's channel: that must not stop the node.
+    assert parse_message(b"ts:pub:t", data) is None
+
+
 def test_a_run_in_order_is_handed_over_one_after_another() -> None:
     seq = joined(position=4)
     for offset in (5, 6, 7):
