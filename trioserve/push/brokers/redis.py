@@ -14,13 +14,14 @@ One Lua script assigns offsets, appends to history and publishes, so offsets
 are gapless and in the same order on every node.
 
 **Publishing.** ``publish()`` puts the publication in this node's queue and
-waits. One sender task takes everything waiting and sends it to Redis as one
-script call per topic, which assigns the publications consecutive offsets and
-answers with the first: N concurrent publications cost one round trip and one
-script run, not N. A batch is sent once and never again: if its call fails or
-times out, every publisher in it gets :class:`BrokerUnavailable` (the script
-may still run once Redis recovers, and a second send would publish it twice
-under new offsets).
+waits; ``publish_later()`` (a client connection's publishes, through the push
+handler) puts it there and returns, and is called back. One sender task takes
+everything waiting and sends it to Redis as one script call per topic, which
+assigns the publications consecutive offsets and answers with the first: N
+concurrent publications cost one round trip and one script run, not N. A
+batch is sent once and never again: if its call fails or times out, every
+publisher in it gets :class:`BrokerUnavailable` (the script may still run once
+Redis recovers, and a second send would publish it twice under new offsets).
 
 **Reading.** Each node subscribes only to topics it has local subscribers for,
 on its own pub/sub connection (redis_pubsub.py), which hands over everything
