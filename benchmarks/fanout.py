@@ -7,6 +7,7 @@ whether each server keeps up). Run from the repository root:
 
     .venv/bin/python benchmarks/fanout.py [--subscribers 5000] [--bursts 3] ...
     .venv/bin/python benchmarks/fanout.py --mode rate [--rate 5] [--duration 10] ...
+    .venv/bin/python benchmarks/fanout.py --servers trioserve,trioserve-redis  # memory vs Redis broker
 
 See benchmarks/README.md for what each number means and how it is measured.
 """
@@ -37,6 +38,7 @@ from benchmarks.serverproc import (  # noqa: E402
     ServerProcess,
     ServerSpec,
     free_port,
+    http_get,
     probe_available,
     report_exc,
     wait_ready,
@@ -96,6 +98,22 @@ async def connect_phase(workers: Workers, port: int, args: argparse.Namespace) -
 
 # -- one publish burst ----------------------------------------------------------
 
+async def fanout_batches(server: ServerProcess) -> int | None:
+    """trioserve's fan-out batches so far (``/metrics``); None for the other servers."""
+    if not server.spec.name.startswith("trioserve"):
+        return None
+    try:
+        status, body = await asyncio.wait_for(http_get(server.port, "/metrics"), 10)
+    except (OSError, TimeoutError, ValueError, IndexError):
+        return None
+    if status != 200:
+        return None
+    for line in body.decode(errors="replace").splitlines():
+        if line.startswith("trioserve_fanout_batches_total"):
+            return int(float(line.split()[-1]))
+    return None
+
+
 async def run_burst(workers: Workers, server: ServerProcess, publisher: WsClient,
                     args: argparse.Namespace) -> dict[str, Any]:
     def start() -> Coroutine[Any, Any, Sent]:
@@ -105,24 +123,32 @@ async def run_burst(workers: Workers, server: ServerProcess, publisher: WsClient
     async def collect_acks(t_first: float, acks: list[asyncio.Future[dict[str, Any]]]) -> Sent:
         return Sent(t_first, t_first, await gather_acks(acks, args.burst_timeout))
 
+    batches0 = await fanout_batches(server)
     res = await delivery_phase(workers, server, args.publications, args.burst_timeout,
                                args.stall_timeout, start)
+    batches1 = await fanout_batches(server)
     received = res.counts["received"]
     span = res.last_recv - res.sent.t_first if received else None
     return {
         **res.counts,
         "seconds": span,
         "deliveries_per_s": received / span if span else None,
+        # trioserve: the hub's fan-out batches during the burst (from /metrics).
+        "fanout_batches": batches1 - batches0 if batches0 is not None and batches1 is not None else None,
         **res.accounting,
     }
 
 
 def burst_line(n: int, b: dict[str, Any]) -> str:
     lat = b["latency"]
+    broker = "" if b["broker_cpu_s"] is None else (
+        f", redis-server {report.fmt(b['broker_cpu_us_per_delivery'], '.3f')} us/delivery (together "
+        f"{report.fmt(b['server_broker_cpu_us_per_delivery'], '.2f')})")
+    batches = "" if b["fanout_batches"] is None else f", {b['fanout_batches']} fan-out batches"
     return (f"    burst {n}: {b['received']:,}/{b['expected']:,} delivered "
             f"({report.fmt(b['deliveries_per_s'])}/s), server CPU "
             f"{report.fmt(b['server_cpu_us_per_delivery'], '.2f')} us/delivery "
-            f"({sys_share(b, 'server')} sys), client CPU "
+            f"({sys_share(b, 'server')} sys){broker}{batches}, client CPU "
             f"{report.fmt(b['client_cpu_us_per_delivery'], '.2f')} us/delivery, "
             f"p50 {report.fmt(lat['p50_ms'], '.1f')} ms, p99 {report.fmt(lat['p99_ms'], '.1f')} ms, "
             f"gaps {b['gaps']}, dups {b['dups']}, closed {b['closed_conns']}, "
@@ -302,7 +328,9 @@ async def run(args: argparse.Namespace) -> int:
     config["client_loop"] = resolve_loop("auto")
     if args.json:
         report.write_json(args.json, {"command": command, "machine": machine, "config": config,
-                                      "summary": summaries, "ratios": rats, "results": results})
+                                      "summary": summaries, "ratios": rats,
+                                      "redis_vs_memory": report.broker_ratios(summaries),
+                                      "results": results})
     if args.markdown:
         report.write_markdown(args.markdown, report.render_markdown(rows, notes, command, machine, config))
     return 0 if all(r["status"] == "ok" for r in results) else 1

@@ -71,6 +71,7 @@ async def delivery_phase(workers: Workers, server: ServerProcess, publications: 
     # closing CPU sample is taken right after the last delivery.
     workers.send([{"op": "wait", "timeout": timeout, "stall": stall}] * len(workers))
     cpu0 = server.cpu()
+    broker0 = server.broker_cpu()
     pub_task = asyncio.create_task(start())
     try:
         waits = await workers.replies(timeout + 30)
@@ -79,6 +80,7 @@ async def delivery_phase(workers: Workers, server: ServerProcess, publications: 
         pub_task.cancel()
         raise
     cpu1 = server.cpu()
+    broker1 = server.broker_cpu()
     client_cpu1 = cpu_sum(w["cpu"] for w in waits)
     details = await workers.ask([{"op": "collect"}] * len(workers), 60)
 
@@ -95,6 +97,7 @@ async def delivery_phase(workers: Workers, server: ServerProcess, publications: 
     }
     accounting = {
         **cpu_fields("server", cpu0, cpu1, received),
+        **broker_fields(cpu1[0] - cpu0[0], broker0, broker1, received),
         **cpu_fields("client", client_cpu0, client_cpu1, received),
         "latency": latency_stats(samples),
         "acks_ok": ack["ok"],
@@ -138,6 +141,19 @@ def cpu_fields(who: str, before: Sequence[float], after: Sequence[float],
         f"{who}_cpu_user_s": user,
         f"{who}_cpu_sys_s": system,
         f"{who}_cpu_us_per_delivery": total / deliveries * 1e6 if deliveries else None,
+    }
+
+
+def broker_fields(server_s: float, before: float | None, after: float | None,
+                  deliveries: int) -> dict[str, float | None]:
+    """trioserve-redis: its redis-server's CPU, and the server's and the broker's together."""
+    broker_s = None if before is None or after is None else after - before
+    total_s = server_s + (broker_s or 0.0)
+    return {
+        "broker_cpu_s": broker_s,
+        "broker_cpu_us_per_delivery": broker_s / deliveries * 1e6
+        if broker_s is not None and deliveries else None,
+        "server_broker_cpu_us_per_delivery": total_s / deliveries * 1e6 if deliveries else None,
     }
 
 

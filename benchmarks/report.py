@@ -29,6 +29,8 @@ __all__ = ["command_line", "fmt", "json_safe", "kept_up_text", "latency_stats", 
            "render_text", "summarize", "summarize_rate", "table_rows", "write_json", "write_markdown"]
 
 BASELINE = "websockets"
+#: trioserve with the Redis broker is also compared with trioserve (memory broker).
+MEMORY, REDIS = "trioserve", "trioserve-redis"
 
 
 def median_of(bursts: list[dict[str, Any]], key: Callable[[dict[str, Any]], float | None]) -> float | None:
@@ -64,6 +66,10 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
         "bursts_incomplete": sum(1 for b in bursts if b["lost"] or b["worker_status"] != ["ok"]),
         "deliveries_per_s": median_of(bursts, lambda b: b["deliveries_per_s"]),
         "server_cpu_us_per_delivery": median_of(bursts, lambda b: b["server_cpu_us_per_delivery"]),
+        "broker_cpu_us_per_delivery": median_of(bursts, lambda b: b.get("broker_cpu_us_per_delivery")),
+        "server_broker_cpu_us_per_delivery": median_of(
+            bursts, lambda b: b.get("server_broker_cpu_us_per_delivery")),
+        "fanout_batches": median_of(bursts, lambda b: b.get("fanout_batches")),
         "client_cpu_us_per_delivery": median_of(bursts, lambda b: b["client_cpu_us_per_delivery"]),
         "p50_ms": median_of(bursts, lambda b: b["latency"]["p50_ms"]),
         "p99_ms": median_of(bursts, lambda b: b["latency"]["p99_ms"]),
@@ -96,6 +102,8 @@ def summarize_rate(result: dict[str, Any]) -> dict[str, Any]:
         "worker_status": r.get("worker_status", []),
         **{k: lat.get(k) for k in LATENCY_KEYS},
         "server_cpu_us_per_delivery": r.get("server_cpu_us_per_delivery"),
+        "broker_cpu_us_per_delivery": r.get("broker_cpu_us_per_delivery"),
+        "server_broker_cpu_us_per_delivery": r.get("server_broker_cpu_us_per_delivery"),
         "client_cpu_us_per_delivery": r.get("client_cpu_us_per_delivery"),
         "kept_up": r.get("kept_up"),
         "backlog_s": r.get("backlog_s"),
@@ -106,6 +114,19 @@ def ratio(value: float | None, base: float | None) -> float | None:
     if value is None or base is None or base == 0:
         return None
     return value / base
+
+
+BROKER_RATIO_KEYS = ("server_broker_cpu_us_per_delivery", "p99_ms", "deliveries_per_s")
+
+
+def broker_ratios(summaries: list[dict[str, Any]],
+                  keys: tuple[str, ...] = BROKER_RATIO_KEYS) -> dict[str, float | None]:
+    """trioserve-redis against trioserve (memory broker) in the same run; {} unless both ran."""
+    by_name = {s["server"]: s for s in summaries}
+    if MEMORY not in by_name or REDIS not in by_name:
+        return {}
+    redis, memory = by_name[REDIS], by_name[MEMORY]
+    return {k: ratio(redis.get(k), memory.get(k)) for k in keys}
 
 
 def ratios(summaries: list[dict[str, Any]]) -> dict[str, dict[str, float | None]]:
@@ -154,6 +175,10 @@ ROWS: list[Row] = [
     *CONNECT_ROWS,
     ("deliveries/s (median)", lambda s: fmt(s["deliveries_per_s"])),
     ("server CPU us/delivery (median)", lambda s: fmt(s["server_cpu_us_per_delivery"], ".2f")),
+    ("its redis-server CPU us/delivery (median)", lambda s: fmt(s["broker_cpu_us_per_delivery"], ".3f")),
+    ("server + redis-server CPU us/delivery (median)",
+     lambda s: fmt(s["server_broker_cpu_us_per_delivery"], ".2f")),
+    ("fan-out batches per burst (median)", lambda s: fmt(s["fanout_batches"], ".1f")),
     ("client CPU us/delivery (median)", lambda s: fmt(s["client_cpu_us_per_delivery"], ".2f")),
     ("latency p50 ms (median)", lambda s: fmt(s["p50_ms"], ".1f")),
     ("latency p99 ms (median)", lambda s: fmt(s["p99_ms"], ".1f")),
@@ -169,6 +194,13 @@ RATIO_ROWS = [
     ("RSS/conn ratio (lower=better)", "rss_per_conn_kb"),
     ("handshakes/s ratio (higher=better)", "handshakes_per_s"),
     ("server CPU/handshake ratio (lower=better)", "server_cpu_us_per_handshake"),
+]
+
+
+BROKER_RATIO_ROWS = [
+    ("server+redis CPU/delivery (lower=better)", "server_broker_cpu_us_per_delivery"),
+    ("latency p99 ratio (lower=better)", "p99_ms"),
+    ("deliveries/s ratio (higher=better)", "deliveries_per_s"),
 ]
 
 
@@ -199,6 +231,8 @@ RATE_ROWS: list[Row] = [
     ("latency p99.9 ms", lambda s: fmt(s["p99_9_ms"], ".1f")),
     ("latency max ms", lambda s: fmt(s["max_ms"], ".1f")),
     ("server CPU us/delivery", lambda s: fmt(s["server_cpu_us_per_delivery"], ".2f")),
+    ("its redis-server CPU us/delivery", lambda s: fmt(s["broker_cpu_us_per_delivery"], ".3f")),
+    ("server + redis-server CPU us/delivery", lambda s: fmt(s["server_broker_cpu_us_per_delivery"], ".2f")),
     ("client CPU us/delivery", lambda s: fmt(s["client_cpu_us_per_delivery"], ".2f")),
     ("kept up (last delivery - last pub)", kept_up_text),
 ]
@@ -220,6 +254,11 @@ def table_rows(summaries: list[dict[str, Any]], rats: dict[str, dict[str, float 
         for label, key in ratio_rows:
             rows.append([f"vs {BASELINE}: {label}",
                          *(fmt(rats.get(s["server"], {}).get(key), "#.3g", "x") for s in summaries)])
+    broker = broker_ratios(summaries)
+    for label, key in BROKER_RATIO_ROWS:
+        if key in broker:
+            rows.append([f"vs {MEMORY}: {label}",
+                         *(fmt(broker[key], "#.3g", "x") if s["server"] == REDIS else "" for s in summaries)])
     rows.append(["status", *(short_status(s["status"]) for s in summaries)])
     return rows
 

@@ -2,12 +2,16 @@
 
 Each server runs as its own subprocess so that its RSS and CPU time can be
 read from its pid with psutil, apart from the load client and the harness.
+``trioserve-redis`` also gets a redis-server of its own on a free loopback port
+(no persistence), whose CPU time is read the same way and reported beside the
+server's as the broker's.
 """
 
 from __future__ import annotations
 
 import asyncio
 import math
+import shutil
 import signal
 import socket
 import subprocess
@@ -21,8 +25,8 @@ import psutil
 from trioserve.bench.pool import PhaseError
 from trioserve.bench.wsclient import open_ws
 
-__all__ = ["HOST", "SERVERS", "PhaseError", "ServerProcess", "ServerSpec", "free_port",
-           "probe_available", "report_exc", "wait_ready"]
+__all__ = ["HOST", "SERVERS", "PhaseError", "RedisProcess", "ServerProcess", "ServerSpec", "free_port",
+           "http_get", "probe_available", "report_exc", "wait_ready"]
 
 REPO = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
@@ -32,19 +36,23 @@ PY = sys.executable
 @dataclass(frozen=True)
 class ServerSpec:
     name: str
-    argv: tuple[str, ...]  # "{port}" is substituted
+    argv: tuple[str, ...]  # "{port}" (and "{redis_port}") are substituted
     healthz: bool  # ready when GET /healthz (or ready_path) is 200; else when /ws upgrades
     probe: tuple[str, ...] | None = None  # must exit 0 for the server to be available
     # --workers: /healthz is 200 while the worker that answers is alive; /readyz only
     # once every worker is, so no share of the subscribers lands on one alone.
     ready_path: str = "/healthz"
+    redis: bool = False  # start a redis-server for it first (its broker)
+
+
+TRIOSERVE_ARGV = (PY, "-m", "trioserve", "serve", "--host", HOST, "--port", "{port}",
+                  "--client-publish", "--log-level", "warning")
 
 
 SERVERS = {
     "trioserve": ServerSpec(
         "trioserve",
-        (PY, "-m", "trioserve", "serve", "--host", HOST, "--port", "{port}",
-         "--client-publish", "--log-level", "warning"),
+        TRIOSERVE_ARGV,
         healthz=True,
         probe=(PY, "-m", "trioserve", "serve", "--help"),
     ),
@@ -52,11 +60,19 @@ SERVERS = {
     # read over the whole process tree (ServerProcess.cpu), every process counted.
     "trioserve-workers2": ServerSpec(
         "trioserve-workers2",
-        (PY, "-m", "trioserve", "serve", "--host", HOST, "--port", "{port}", "--workers", "2",
-         "--client-publish", "--log-level", "warning"),
+        (*TRIOSERVE_ARGV, "--workers", "2"),
         healthz=True,
         probe=(PY, "-m", "trioserve", "serve", "--help"),
         ready_path="/readyz",
+    ),
+    # The same server with the Redis broker (--broker redis://), against a
+    # redis-server the harness starts for it.
+    "trioserve-redis": ServerSpec(
+        "trioserve-redis",
+        (*TRIOSERVE_ARGV, "--broker", f"redis://{HOST}:{{redis_port}}/0"),
+        healthz=True,
+        probe=(PY, "-c", "import trioserve.push.brokers.redis"),
+        redis=True,
     ),
     "websockets": ServerSpec(
         "websockets",
@@ -78,6 +94,50 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+# -- the broker of trioserve-redis ----------------------------------------------------
+
+class RedisProcess:
+    """A redis-server on a free loopback port, with no persistence, as the tests start it."""
+
+    def __init__(self, log_path: Path, timeout: float = 10.0) -> None:
+        exe = shutil.which("redis-server")
+        if exe is None:
+            raise PhaseError("redis-server is not installed")
+        self.port = free_port()
+        with open(log_path, "wb") as log:
+            self.popen = subprocess.Popen(
+                [exe, "--port", str(self.port), "--bind", HOST, "--save", "", "--appendonly", "no"],
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        self.ps = psutil.Process(self.popen.pid)
+        deadline = time.monotonic() + timeout
+        while not self._pong():
+            if self.popen.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise PhaseError(f"redis-server did not answer PING on port {self.port}")
+            time.sleep(0.02)
+
+    def _pong(self) -> bool:
+        try:
+            with socket.create_connection((HOST, self.port), timeout=1) as s:
+                s.sendall(b"PING\r\n")
+                return s.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def cpu(self) -> float:
+        """User+system CPU seconds of the redis-server process."""
+        try:
+            t = self.ps.cpu_times()
+        except psutil.Error:
+            return math.nan
+        return process_cpu_clock(self.ps.pid, t.user + t.system)
+
+    def stop(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.kill()
+        self.popen.wait(5)
+
+
 # -- the server under test -------------------------------------------------------
 
 class ServerProcess:
@@ -85,7 +145,9 @@ class ServerProcess:
         self.spec = spec
         self.port = port
         self.log_path = log_path
-        argv = [a.replace("{port}", str(port)) for a in spec.argv]
+        self.redis = RedisProcess(log_path.with_suffix(".redis.log")) if spec.redis else None
+        redis_port = str(self.redis.port) if self.redis else ""
+        argv = [a.replace("{port}", str(port)).replace("{redis_port}", redis_port) for a in spec.argv]
         with open(log_path, "wb") as log:
             self.popen = subprocess.Popen(argv, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
                                           stdin=subprocess.DEVNULL, start_new_session=True)
@@ -95,6 +157,12 @@ class ServerProcess:
         code = self.popen.poll()
         if code is not None:
             raise PhaseError(f"server exited with code {code}; log: {self.log_tail()}")
+        if self.redis is not None and self.redis.popen.poll() is not None:
+            raise PhaseError(f"its redis-server exited with code {self.redis.popen.returncode}")
+
+    def broker_cpu(self) -> float | None:
+        """CPU seconds of the server's own redis-server, None if it has none."""
+        return self.redis.cpu() if self.redis is not None else None
 
     def log_tail(self, lines: int = 8) -> str:
         try:
@@ -143,6 +211,8 @@ class ServerProcess:
         if self.popen.poll() is None:
             self.popen.kill()
             self.popen.wait(5)
+        if self.redis is not None:
+            self.redis.stop()
 
 
 def process_cpu_clock(pid: int, fallback: float) -> float:
@@ -158,12 +228,17 @@ def process_cpu_clock(pid: int, fallback: float) -> float:
 
 
 async def http_status(port: int, path: str) -> int:
+    return (await http_get(port, path, body=False))[0]
+
+
+async def http_get(port: int, path: str, body: bool = True) -> tuple[int, bytes]:
+    """Status and body of ``GET path`` (the connection is closed after it)."""
     reader, writer = await asyncio.open_connection(HOST, port)
     try:
         writer.write(f"GET {path} HTTP/1.1\r\nHost: {HOST}:{port}\r\nConnection: close\r\n\r\n"
                      .encode())
         line = await reader.readline()
-        return int(line.split()[1])
+        return int(line.split()[1]), (await reader.read() if body else b"")
     finally:
         writer.close()
 
@@ -196,6 +271,8 @@ def report_exc(exc: BaseException) -> str:
 
 def probe_available(spec: ServerSpec) -> str | None:
     """None if the server can be started, else why not."""
+    if spec.redis and shutil.which("redis-server") is None:
+        return "redis-server is not installed"
     if spec.probe is None:
         return None
     try:

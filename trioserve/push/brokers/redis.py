@@ -2,7 +2,7 @@
 
 Keys per topic T (a Redis Cluster would hash them to one slot thanks to ``{T}``):
 
-- ``ts:{T}:off``: the last offset (INCR);
+- ``ts:{T}:off``: the last offset (INCRBY);
 - ``ts:{T}:hist``: the history, a stream whose entry IDs are ``<offset>-1``
   (so XRANGE by offset needs no index), capped at the topic's history size;
 - ``ts:{T}:epoch``: a random name for this history. If Redis loses its data,
@@ -10,15 +10,30 @@ Keys per topic T (a Redis Cluster would hash them to one slot thanks to ``{T}``)
   learn their gap is unknowable (``recovered: false``);
 - channel ``ts:pub:T``: ``<epoch> <offset> <publication JSON>``.
 
-One Lua script assigns the offset, appends to history and publishes, so
-offsets are gapless and in the same order on every node.
+One Lua script assigns offsets, appends to history and publishes, so offsets
+are gapless and in the same order on every node.
 
-Each node subscribes only to topics it has local subscribers for, and
-remembers the last offset it handed to its hub. A publication arriving with a
-larger jump means this node missed some (its pub/sub connection dropped, say):
-it fetches them from the stream and delivers them in order first. If history
-no longer has them, the topic's local subscribers are closed with 1013, so
-their clients reconnect, resubscribe with ``since`` and learn of the gap.
+**Publishing.** ``publish()`` puts the publication in this node's queue and
+waits; ``publish_many()`` (a client connection's run of publishes, through the
+push handler) puts them all there and waits for all. One sender task takes
+everything waiting and sends it to Redis as one script call per topic, which
+assigns the publications consecutive offsets and answers with the first: N
+concurrent publications cost one round trip and one script run, not N. A
+batch is sent once and never again: if its call fails or times out, every
+publisher in it gets :class:`BrokerUnavailable` (the script may still run once
+Redis recovers, and a second send would publish it twice under new offsets).
+
+**Reading.** Each node subscribes only to topics it has local subscribers for,
+on its own pub/sub connection (redis_pubsub.py), which hands over everything
+that arrived in one read. The consumer checks each publication with the
+:class:`~.redis_sequencer.Sequencer` and hands the whole run to the hub with no
+checkpoint between publications (``deliver_nowait``; it waits only when the
+hub's inbox is full), so a burst becomes one fan-out batch, as with the memory
+broker. A publication arriving with a jump in offset means this node missed
+some (its pub/sub connection dropped, say): it fetches them from the stream and
+hands them over first. If history no longer has them, the topic's local
+subscribers are closed with 1013, so their clients reconnect, resubscribe with
+``since`` and learn of the gap.
 """
 
 from __future__ import annotations
@@ -27,6 +42,8 @@ import logging
 import math
 import secrets
 import time
+from collections import deque
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -35,15 +52,19 @@ import coredis.exceptions
 import coredis.retry
 import orjson
 import trio
+from coredis.connection import TCPLocation
 
 from ...config import redact_url
 from ...protocol.codes import CloseCode
 from .base import Broker, BrokerUnavailable
+from .redis_pubsub import PubSubConnection
+from .redis_sequencer import Message, Sequencer, Verdict, parse_message
 
 if TYPE_CHECKING:
     from ...config import Config
 
-__all__ = ["RedisBroker"]
+__all__ = ["MAX_PUBLISH_BATCH", "MAX_PUBLISH_BYTES", "PUBLISH_SCRIPT", "RedisBroker",
+           "publish_call", "take_batch"]
 
 log = logging.getLogger("trioserve.brokers.redis")
 
@@ -51,25 +72,42 @@ log = logging.getLogger("trioserve.brokers.redis")
 # publish; all three expire together, so an expired topic comes back with a new epoch.
 _KEEP = 86400
 
-_PUBLISH = """
+#: Publications of one script call at most, and their JSON bytes (at least one is sent).
+MAX_PUBLISH_BATCH = 1024
+MAX_PUBLISH_BYTES = 1024 * 1024
+
+#: KEYS: offset, history, epoch. ARGV: channel, a new epoch (if the topic has
+#: none), now (ms), history size, history TTL (s), the minimum TTL (s), the
+#: publication's JSON before its offset, then the JSON after the offset of each
+#: publication. Returns the first offset and the epoch.
+PUBLISH_SCRIPT = """
 local epoch = redis.call('GET', KEYS[3])
 if not epoch then
-  epoch = ARGV[6]
+  epoch = ARGV[2]
   redis.call('SET', KEYS[3], epoch)
 end
-local offset = redis.call('INCR', KEYS[1])
-local payload = ARGV[2] .. offset .. ARGV[3]
-if tonumber(ARGV[4]) > 0 then
-  redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[4], offset .. '-1', 't', ARGV[7], 'p', payload)
+local n = #ARGV - 7
+local last = redis.call('INCRBY', KEYS[1], n)
+local first = last - n + 1
+local size = tonumber(ARGV[4])
+for i = 1, n do
+  local offset = first + i - 1
+  local payload = ARGV[7] .. offset .. ARGV[7 + i]
+  if size > 0 then
+    redis.call('XADD', KEYS[2], offset .. '-1', 't', ARGV[3], 'p', payload)
+  end
+  redis.call('PUBLISH', ARGV[1], epoch .. ' ' .. offset .. ' ' .. payload)
+end
+if size > 0 then
+  redis.call('XTRIM', KEYS[2], 'MAXLEN', size)
 else
   redis.call('DEL', KEYS[2])
 end
-local keep = math.max(tonumber(ARGV[5]), tonumber(ARGV[8]))
+local keep = math.max(tonumber(ARGV[5]), tonumber(ARGV[6]))
 redis.call('EXPIRE', KEYS[1], keep)
 redis.call('EXPIRE', KEYS[2], keep)
 redis.call('EXPIRE', KEYS[3], keep)
-redis.call('PUBLISH', ARGV[1], epoch .. ' ' .. offset .. ' ' .. payload)
-return {offset, epoch}
+return {first, epoch}
 """
 
 _POSITION = """
@@ -95,10 +133,56 @@ def _channel(topic: str) -> str:
     return f"ts:pub:{topic}"
 
 
+def publish_call(topic: str, suffixes: list[bytes], size: int, ttl: float
+                 ) -> tuple[list[str], list[Any]]:
+    """The keys and arguments of :data:`PUBLISH_SCRIPT` for *topic*'s publications,
+    each given as the JSON after its offset (``,"data":...}``)."""
+    prefix = b'{"op":"pub","topic":' + orjson.dumps(topic) + b',"offset":'
+    return list(_keys(topic)), [_channel(topic), secrets.token_hex(8), int(time.time() * 1000), size,
+                                math.ceil(ttl), _KEEP, prefix, *suffixes]
+
+
+class _Publication:
+    """One publication waiting in the queue for its offset; its publisher waits on *event*."""
+
+    __slots__ = ("error", "event", "offset", "queued", "suffix", "topic")
+
+    def __init__(self, topic: str, data: Any) -> None:
+        self.topic = topic
+        self.suffix = b',"data":' + orjson.dumps(data) + b"}"
+        self.offset = 0
+        self.error: BaseException | None = None
+        self.queued = True
+        self.event = trio.Event()
+
+    def answer(self) -> None:
+        self.event.set()
+
+
+def take_batch(queue: deque[Any], max_count: int = MAX_PUBLISH_BATCH,
+               max_bytes: int = MAX_PUBLISH_BYTES) -> list[Any]:
+    """The oldest waiting publications (at least one) within the batch limits."""
+    first = queue.popleft()
+    batch = [first]
+    size = len(first.suffix)
+    while queue and len(batch) < max_count and size + len(queue[0].suffix) <= max_bytes:
+        pub = queue.popleft()
+        batch.append(pub)
+        size += len(pub.suffix)
+    return batch
+
+
 class RedisBroker(Broker):
     """Publications through Redis (coredis), for several processes or hosts."""
 
     synchronous = False
+    pipelined = True
+    #: Seconds to connect, and to wait for any answer (a publish batch, a
+    #: subscribe, a PING); tests shorten them.
+    connect_timeout = 2.0
+    stream_timeout = 5.0
+    #: Seconds of pub/sub silence before a PING.
+    keepalive = 15.0
 
     def __init__(self, url: str, config: Config):
         self.url = url
@@ -107,27 +191,26 @@ class RedisBroker(Broker):
         # No retries: a publish script that timed out may still run when Redis
         # recovers, and re-sending it would publish it twice under two offsets.
         # The caller gets a 503 instead, and decides (docs/decisions.md).
-        options: dict[str, Any] = {"connect_timeout": 2, "stream_timeout": 5,
+        options: dict[str, Any] = {"connect_timeout": self.connect_timeout,
+                                   "stream_timeout": self.stream_timeout,
                                    "retry_policy": coredis.retry.NoRetryPolicy()}
         if password:
             options["password"] = password
         self._client: coredis.Redis[bytes] = coredis.Redis.from_url(url, **options)
-        self._publish_script = self._client.register_script(_PUBLISH)
+        self._publish_script = self._client.register_script(PUBLISH_SCRIPT)
         self._position_script = self._client.register_script(_POSITION)
-        self._pubsub: Any = None
-        # Per joined topic: the epoch and the last offset handed to the hub.
-        # None while joining: messages then wait in _pending.
-        self._epochs: dict[str, str] = {}
-        self._enqueued: dict[str, int | None] = {}
-        self._pending: dict[str, list[tuple[str, int, bytes]]] = {}
-        # Highest offset this node published, per topic, until it came back.
-        self._published: dict[str, int] = {}
+        self._pubsub: PubSubConnection | None = None
+        self._seq = Sequencer()
+        # Publications waiting for the sender, and those it is sending.
+        self._queue: deque[_Publication] = deque()
+        self._sending: list[_Publication] = []
+        self._queued = trio.lowlevel.ParkingLot()
+        # Publications accepted and not yet answered (queued or sent).
         self._inflight = 0
         self._progress = trio.lowlevel.ParkingLot()
         self._lock = trio.Lock()
         self._leaves_send, self._leaves = trio.open_memory_channel[str](math.inf)
         self.connected = trio.Event()
-        self._node_channel = f"ts:node:{secrets.token_hex(8)}"
 
     def __repr__(self) -> str:
         # Logged ("connected to ..."): never with a password, in the userinfo or the query.
@@ -136,60 +219,73 @@ class RedisBroker(Broker):
     # --- the broker interface ------------------------------------------------------
 
     def epoch(self, topic: str) -> str:
-        return self._epochs.get(topic, "")
+        return self._seq.epoch(topic)
 
     async def publish(self, topic: str, data: Any) -> int:
-        size, ttl = self.config.history_for(topic)
-        off_key, hist_key, epoch_key = _keys(topic)
-        prefix = b'{"op":"pub","topic":' + orjson.dumps(topic) + b',"offset":'
-        suffix = b',"data":' + orjson.dumps(data) + b"}"
-        self._inflight += 1
+        (pub,) = await self._queue_and_wait([_Publication(topic, data)])
+        if pub.error is not None:
+            raise pub.error
+        return pub.offset
+
+    async def publish_many(self, items: Sequence[tuple[str, Any]]) -> list[int | BrokerUnavailable]:
+        # All queued before the sender runs: they go to Redis in one script call per topic.
+        pubs = await self._queue_and_wait([_Publication(topic, data) for topic, data in items])
+        results: list[int | BrokerUnavailable] = []
+        for pub in pubs:
+            if pub.error is None:
+                results.append(pub.offset)
+            elif isinstance(pub.error, BrokerUnavailable):
+                results.append(pub.error)
+            else:
+                raise pub.error
+        return results
+
+    async def _queue_and_wait(self, pubs: list[_Publication]) -> list[_Publication]:
+        for pub in pubs:
+            self._enqueue(pub)
         try:
-            offset, _ = await self._run_script(self._publish_script,
-                keys=[off_key, hist_key, epoch_key],
-                args=[_channel(topic), prefix, suffix, size, math.ceil(ttl), secrets.token_hex(8),
-                      int(time.time() * 1000), _KEEP],
-            )
-        except _ERRORS as exc:
-            raise BrokerUnavailable(f"redis: {exc}") from None
-        finally:
-            self._inflight -= 1
-            if self._progress:
-                self._progress.unpark_all()
-        offset = int(offset)
-        if offset > self._published.get(topic, 0):
-            self._published[topic] = offset
-        return offset
+            for pub in pubs:
+                await pub.event.wait()
+        except BaseException:
+            for pub in pubs:
+                if pub.queued:  # not sent yet: take it back, so it never happens
+                    self._queue.remove(pub)
+                    pub.queued = False
+                    self._finished(1)
+            raise
+        return pubs
+
+    def _enqueue(self, pub: _Publication) -> None:
+        self._queue.append(pub)
+        self._inflight += 1
+        if self._queued:
+            self._queued.unpark_all()
 
     async def flush(self) -> None:
         # A publish returns when Redis took it, but this node receives it back
         # through pub/sub later: a drain must wait for that before its 1001.
         # Publishes still waiting for Redis's answer count too: their offsets
         # are not known yet, but their publishers will be told they succeeded.
-        while True:
-            behind = [t for t, off in self._published.items() if _behind(self._enqueued.get(t), off)]
-            if not behind and not self._inflight:
-                return
+        while self._seq.behind() or self._inflight:
             await self._progress.park()
 
     async def join(self, topic: str) -> None:
-        if self._enqueued.get(topic) is not None:
+        if self._seq.is_joined(topic):
             return
         async with self._lock:
-            if self._enqueued.get(topic) is not None:
+            if self._seq.is_joined(topic):
                 return
-            if self._pubsub is None:
+            pubsub = self._pubsub
+            if pubsub is None:
                 raise BrokerUnavailable("redis is not connected")
-            self._enqueued[topic] = None
-            self._pending[topic] = []
+            self._seq.start_joining(topic)
             try:
                 # Subscribe first, then read the position: every publication
                 # after it is sure to arrive on the channel.
-                await self._pubsub.subscribe(_channel(topic))
+                await pubsub.subscribe(_channel(topic))
                 epoch, position = await self._position(topic)
             except _ERRORS as exc:
-                self._enqueued.pop(topic, None)
-                self._pending.pop(topic, None)
+                self._seq.abandon(topic)
                 raise BrokerUnavailable(f"redis: {exc}") from None
             self._start_topic(topic, epoch, position)
 
@@ -197,9 +293,9 @@ class RedisBroker(Broker):
         self._leaves_send.send_nowait(topic)
 
     async def head(self, topic: str) -> tuple[str, int]:
-        if self._enqueued.get(topic) is not None:
+        if self._seq.is_joined(topic):
             # Joined: what this node has fanned out, in step with its subscribers.
-            return self._epochs[topic], self.hub.position(topic)
+            return self._seq.epoch(topic), self.hub.position(topic)
         # Not joined, so this node follows neither the offsets nor the epoch: ask Redis.
         try:
             return await self._position(topic)
@@ -215,12 +311,16 @@ class RedisBroker(Broker):
 
     async def fetch(self, topic: str, after: int, limit: int | None = None
                     ) -> tuple[list[tuple[int, bytes]], int]:
-        _, hist_key, _ = _keys(topic)
-        _, ttl = self.config.history_for(topic)
         try:
-            entries = await self._client.xrange(hist_key, f"{after + 1}-1", "+", count=limit)
+            return await self._fetch(topic, after, limit)
         except _ERRORS as exc:
             raise BrokerUnavailable(f"redis: {exc}") from None
+
+    async def _fetch(self, topic: str, after: int, limit: int | None = None
+                     ) -> tuple[list[tuple[int, bytes]], int]:
+        _, hist_key, _ = _keys(topic)
+        _, ttl = self.config.history_for(topic)
+        entries = await self._client.xrange(hist_key, f"{after + 1}-1", "+", count=limit)
         oldest_ms = (time.time() - ttl) * 1000
         run: list[tuple[int, bytes]] = []
         expected = after + 1
@@ -239,29 +339,32 @@ class RedisBroker(Broker):
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         started = False
         backoff = 0.1
-        async with self._client:
+        async with self._client, trio.open_nursery() as nursery:
+            nursery.start_soon(self._send_loop)
             while True:
                 try:
-                    # retry_policy=None: a dropped connection ends this block, so
-                    # we know to look for publications missed meanwhile.
-                    async with self._client.pubsub(ignore_subscribe_messages=True,
-                                                   retry_policy=None) as pubsub:
-                        await self._resume(pubsub)
-                        log.info("connected to %r", self)
-                        backoff = 0.1
-                        if not started:
-                            started = True
-                            task_status.started()
-                        async with trio.open_nursery() as nursery:
-                            nursery.start_soon(self._leave_loop)
-                            async for message in pubsub:
-                                await self._on_message(message)
+                    pubsub = await self._open_pubsub()
+                    try:
+                        async with trio.open_nursery() as reading:
+                            # A dropped connection ends this block, so we know
+                            # to look for publications missed meanwhile.
+                            reading.start_soon(pubsub.run)
+                            await self._resume(pubsub)
+                            log.info("connected to %r", self)
+                            backoff = 0.1
+                            if not started:
+                                started = True
+                                task_status.started()
+                            reading.start_soon(self._leave_loop, pubsub)
+                            await self._consume(pubsub)
+                    finally:
+                        self._pubsub = None
+                        await pubsub.aclose()
                 except* _ERRORS as group:
                     # Cancellation (a drain) also surfaces from coredis as a
                     # stream error: check for it before calling Redis down.
                     await trio.lowlevel.checkpoint()
                     log.warning("redis unavailable (%s); retrying in %.1fs", _first_leaf(group), backoff)
-                self._pubsub = None
                 self.connected = trio.Event()
                 if not started:
                     started = True
@@ -269,93 +372,162 @@ class RedisBroker(Broker):
                 await trio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
 
-    async def _resume(self, pubsub: Any) -> None:
-        """Subscribe again to every joined topic and deliver what was missed."""
-        topics = [t for t, last in self._enqueued.items() if last is not None]
-        # coredis ends iteration while nothing is subscribed; this node's own
-        # channel keeps the reader alive when it has no topics.
-        await pubsub.subscribe(self._node_channel, *(_channel(t) for t in topics))
+    async def _open_pubsub(self) -> PubSubConnection:
+        # The address, credentials, database and TLS context coredis parsed from the URL.
+        pool = self._client.connection_pool
+        location = pool.location
+        assert isinstance(location, TCPLocation), location
+        kw: dict[str, Any] = dict(pool.connection_kwargs)
+        return await PubSubConnection.open(
+            location.host, location.port, ssl_context=kw.get("ssl_context"), username=kw.get("username"),
+            password=kw.get("password"), db=kw.get("db"), connect_timeout=self.connect_timeout,
+            timeout=self.stream_timeout, keepalive=self.keepalive)
+
+    async def _resume(self, pubsub: PubSubConnection) -> None:
+        """Subscribe again to every joined topic and deliver what was missed.
+        The consumer starts after this: what arrives meanwhile waits in *pubsub*."""
+        topics = self._seq.joined()
+        if topics:
+            await pubsub.subscribe(*(_channel(t) for t in topics))
         self._pubsub = pubsub
         self.connected.set()
         for topic in topics:
+            if not self._seq.is_joined(topic):
+                continue  # left meanwhile
             epoch, position = await self._position(topic)
-            last = self._enqueued.get(topic)
-            if last is not None and (position > last or epoch != self._epochs[topic]):
-                await self._deliver(topic, epoch, position, None)
+            verdict = self._seq.catch_up(topic, epoch, position)
+            if verdict is Verdict.EPOCH:
+                self._lost(topic, epoch, position + 1)
+            elif verdict is Verdict.GAP:
+                await self._fill_gap(topic, position)
 
-    async def _leave_loop(self) -> None:
+    async def _leave_loop(self, pubsub: PubSubConnection) -> None:
         async for topic in self._leaves:
             async with self._lock:
-                if self.hub.subscriber_count(topic) or self._enqueued.get(topic) is None:
+                if self.hub.subscriber_count(topic) or not self._seq.is_joined(topic):
                     continue
-                self._enqueued.pop(topic, None)
-                self._epochs.pop(topic, None)
+                self._seq.abandon(topic)
                 self.hub.forget_history(topic)
-                if self._pubsub is not None:
-                    await self._pubsub.unsubscribe(_channel(topic))
+                await pubsub.unsubscribe(_channel(topic))
 
-    async def _on_message(self, message: Any) -> None:
-        if message.get("type") != "message":
-            return
-        topic = _text(message["channel"])[len("ts:pub:"):]
-        epoch, offset, payload = bytes(message["data"]).split(b" ", 2)
-        if topic not in self._enqueued:
-            return  # left meanwhile
-        if self._enqueued[topic] is None:
-            self._pending[topic].append((epoch.decode(), int(offset), payload))
-            return
-        await self._deliver(topic, epoch.decode(), int(offset), payload)
+    async def _consume(self, pubsub: PubSubConnection) -> None:
+        """Hand each run of publications to the hub, in order, with no checkpoint
+        between them unless a gap must be fetched or the hub's inbox is full."""
+        while True:
+            for channel, data in await pubsub.receive():
+                message = parse_message(channel, data)
+                if message is not None:
+                    await self._arrive(message)
+
+    async def _arrive(self, message: Message) -> None:
+        await self.hub.wait_for_space()  # returns at once (no checkpoint) unless the inbox is full
+        seq = self._seq
+        while True:
+            verdict = seq.check(message)
+            if verdict is Verdict.NEXT:
+                self._hand_over(message.topic, message.offset, message.payload)
+                return
+            if verdict is Verdict.GAP:
+                await self._fill_gap(message.topic, message.offset - 1)
+            elif verdict is Verdict.EPOCH:
+                self._lost(message.topic, message.epoch, message.offset)
+            else:
+                return  # IGNORE, HOLD
+
+    async def _fill_gap(self, topic: str, upto: int) -> None:
+        """Hand over the publications after the last one handed over, up to
+        *upto*, from the stream; or, if history no longer has them, give them up."""
+        seq = self._seq
+        last = seq.last(topic)
+        entries, reached = await self._fetch(topic, last, upto - last)
+        for offset, payload in entries:
+            if not seq.is_joined(topic) or seq.last(topic) != offset - 1:
+                return  # the topic was left or rejoined meanwhile: the caller checks again
+            await self.hub.wait_for_space()
+            self._hand_over(topic, offset, payload)
+        if reached < upto and seq.is_joined(topic) and seq.last(topic) == reached:
+            self._lost(topic, seq.epoch(topic), upto + 1)
 
     def _start_topic(self, topic: str, epoch: str, position: int) -> None:
         # No checkpoint from here to the end: messages that arrived while joining
         # are replayed before any later one can be handled.
-        self._epochs[topic] = epoch
-        self._enqueued[topic] = position
+        held = self._seq.start(topic, epoch, position)
         self.hub.reset_history(topic, position)
-        for msg_epoch, offset, payload in self._pending.pop(topic, []):
-            if msg_epoch == self._epochs[topic] and offset <= position:
-                continue  # published before the position we read: not ours to deliver
-            if msg_epoch != self._epochs[topic] or offset != position + 1:
+        for message in held:
+            verdict = self._seq.check(message)
+            if verdict is Verdict.IGNORE:
+                continue
+            if verdict is not Verdict.NEXT:
                 # Pub/sub does not lose messages on a live connection, so this
                 # means Redis lost data while we joined: treat it as a gap.
-                self._lost(topic, msg_epoch, offset)
-            self._hand_over(topic, offset, payload)
-            position = offset
+                self._lost(topic, message.epoch, message.offset)
+            self._hand_over(topic, message.offset, message.payload)
 
-    async def _deliver(self, topic: str, epoch: str, offset: int, payload: bytes | None) -> None:
-        """Hand *offset* (and any missed before it) to the hub; *payload* None
-        means only catch up to *offset*."""
-        last = self._enqueued[topic]
-        assert last is not None
-        if epoch != self._epochs[topic]:
-            self._lost(topic, epoch, offset if payload is not None else offset + 1)
-            last = self._enqueued[topic]
-            assert last is not None
-        if offset <= last:
+    # --- publishing --------------------------------------------------------------------
+
+    async def _send_loop(self) -> None:
+        """Send what waits in the queue, one batch at a time."""
+        queue = self._queue
+        try:
+            while True:
+                while not queue:
+                    await self._queued.park()
+                batch = self._sending = take_batch(queue)
+                groups: dict[str, list[_Publication]] = {}
+                for pub in batch:
+                    pub.queued = False
+                    groups.setdefault(pub.topic, []).append(pub)
+                if len(groups) == 1:
+                    await self._send_group(batch[0].topic, batch)
+                else:  # one script call per topic, sent together
+                    async with trio.open_nursery() as nursery:
+                        for topic, pubs in groups.items():
+                            nursery.start_soon(self._send_group, topic, pubs)
+                # Answered in queue order, so one connection's replies keep theirs.
+                self._sending = []
+                for pub in batch:
+                    pub.answer()
+                self._finished(len(batch))
+        finally:
+            # The broker stops: nothing more will be sent.
+            stopped = [*self._sending, *queue]
+            queue.clear()
+            for pub in stopped:
+                pub.queued = False
+                pub.error = BrokerUnavailable("the broker stopped")
+                pub.answer()
+            self._finished(len(stopped))
+
+    async def _send_group(self, topic: str, pubs: list[_Publication]) -> None:
+        """One script call for *pubs* (all of *topic*): each gets its offset or the error."""
+        size, ttl = self.config.history_for(topic)
+        keys, args = publish_call(topic, [p.suffix for p in pubs], size, ttl)
+        try:
+            first, _ = await self._run_script(self._publish_script, keys=keys, args=args)
+        except _ERRORS as exc:
+            for pub in pubs:
+                pub.error = BrokerUnavailable(f"redis: {exc}")
             return
-        missing = offset - last - (1 if payload is not None else 0)
-        if missing > 0:
-            entries, upto = await self.fetch(topic, last, missing)
-            if upto < last + missing:
-                self._lost(topic, epoch, offset if payload is not None else offset + 1)
-            else:
-                for off, data in entries:
-                    await self.hub.wait_for_space()
-                    self._hand_over(topic, off, data)
-        if payload is not None:
-            await self.hub.wait_for_space()
-            self._hand_over(topic, offset, payload)
+        first = int(first)
+        for n, pub in enumerate(pubs):
+            pub.offset = first + n
+        self._seq.published(topic, first + len(pubs) - 1)
+
+    def _finished(self, count: int) -> None:
+        self._inflight -= count
+        if self._progress:
+            self._progress.unpark_all()
 
     @staticmethod
     async def _run_script(script: Any, keys: list[str], args: list[Any]) -> tuple[Any, Any]:
         result = await script(keys=keys, args=args)
         return result[0], result[1]
 
+    # --- handing over ------------------------------------------------------------------
+
     def _hand_over(self, topic: str, offset: int, payload: bytes) -> None:
-        self._enqueued[topic] = offset
+        self._seq.handed_over(topic, offset)
         self.hub.deliver_nowait(topic, offset, payload)
-        if self._published.get(topic, offset + 1) <= offset:
-            del self._published[topic]
         if self._progress:
             self._progress.unpark_all()
 
@@ -366,16 +538,10 @@ class RedisBroker(Broker):
                                             "publications missed; reconnect and recover")
         log.warning("%s: publications before %d of topic %s are lost to this node; "
                     "closing its %d subscribers so they recover", self, next_offset, topic, closed)
-        self._epochs[topic] = epoch
-        self._enqueued[topic] = next_offset - 1
+        self._seq.reset(topic, epoch, next_offset - 1)
         self.hub.reset_history(topic, next_offset - 1)
         if self._progress:
             self._progress.unpark_all()
-
-
-def _behind(enqueued: int | None, published: int) -> bool:
-    # None: no local subscribers (or joining), so nothing here waits for it.
-    return enqueued is not None and enqueued < published
 
 
 def _first_leaf(exc: BaseException) -> BaseException:
