@@ -255,6 +255,7 @@ export class Client {
     this._subs = new Map(); // topic -> Subscription
     this._pending = new Map(); // id -> request sent on the current socket
     this._queue = []; // requests waiting for a connection
+    this._fallbacks = new Set(); // requests out over HTTP
     this._nextId = 1;
     this._socket = null; // the current WebSocket, connecting or open
     this._open = false;
@@ -294,7 +295,8 @@ export class Client {
 
   /** Counters: reconnects, failedAttempts, publications, duplicates (skipped), gaps. */
   statistics() {
-    return { state: this._state, subscriptions: this._subs.size, pending: this._pending.size + this._queue.length,
+    return { state: this._state, subscriptions: this._subs.size,
+             pending: this._pending.size + this._queue.length + this._fallbacks.size,
              ...this._stats };
   }
 
@@ -671,7 +673,9 @@ export class Client {
       const entry = { msg, retry, fallback, resolve, reject, timer: null, sent: false, started: Date.now() };
       entry.timer = setTimeout(() => {
         this._forget(entry);
-        reject(this._timeoutError(msg.op, timeout, entry.sent));
+        const error = this._timeoutError(msg.op, timeout, entry.sent);
+        if (entry.fallbackError) error.message += `; ${entry.fallbackError.message}`;
+        reject(error);
       }, timeout);
       if (this._open) this._send(entry);
       else if (fallback && this._failedSinceOpen) this._runFallback(entry);
@@ -686,6 +690,7 @@ export class Client {
   }
 
   _forget(entry) {
+    this._fallbacks.delete(entry);
     const i = this._queue.indexOf(entry);
     if (i >= 0) this._queue.splice(i, 1);
     for (const [id, other] of this._pending) if (other === entry) this._pending.delete(id);
@@ -708,10 +713,20 @@ export class Client {
 
   _runFallback(entry) {
     const left = Math.max(1, this._options.timeout - (Date.now() - entry.started));
+    this._fallbacks.add(entry);
     entry.fallback(left).then((reply) => {
+      if (!this._fallbacks.delete(entry)) return; // timed out or closed meanwhile
       clearTimeout(entry.timer);
       entry.resolve(reply);
     }, (err) => {
+      if (!this._fallbacks.delete(entry)) return;
+      if (err.code === "no_connection") {
+        // No HTTP API either (the server is restarting?): wait for the WebSocket, until the timeout.
+        entry.fallbackError = err;
+        if (this._open) this._send(entry);
+        else this._queue.push(entry);
+        return;
+      }
       clearTimeout(entry.timer);
       entry.reject(err);
     });
@@ -730,9 +745,8 @@ export class Client {
       });
       reply = await res.json();
     } catch (err) {
-      const why = this._lastError ? `${this._lastError.message}; ` : "";
-      throw new TrioserveError("no_connection",
-        `${why}POST ${this._httpUrl}/api/publish failed too: ${err && err.message}`, { cause: err });
+      throw new TrioserveError("no_connection", `POST ${this._httpUrl}/api/publish failed too: ${err && err.message}`,
+        { cause: err });
     } finally {
       clearTimeout(timer);
     }
@@ -781,13 +795,14 @@ export class Client {
       this._closedResolve = resolve;
       if (socket === null) resolve();
     });
-    for (const entry of [...this._pending.values(), ...this._queue]) {
+    for (const entry of [...this._pending.values(), ...this._queue, ...this._fallbacks]) {
       if (entry.sub) continue;
       clearTimeout(entry.timer);
       entry.reject(error);
     }
     this._pending.clear();
     this._queue = [];
+    this._fallbacks.clear();
     for (const sub of [...this._subs.values()]) sub._end(error, quiet);
     this._subs.clear();
     if (socket !== null) {

@@ -148,16 +148,35 @@ describe("publish over HTTP when the WebSocket cannot connect", () => {
     }
   });
 
-  test("no HTTP API either: no_connection names both failures", async () => {
-    const writer = new Client(deadUrl, { WebSocket, httpUrl: `http://127.0.0.1:${await freePort()}` });
+  test("no HTTP API either: the publish waits for the WebSocket, then no_connection names both failures", async () => {
+    const writer = new Client(deadUrl, { WebSocket, timeout: 300, httpUrl: `http://127.0.0.1:${await freePort()}` });
     try {
       await assert.rejects(writer.publish("news", 1), (err) => {
         assert.equal(err.code, "no_connection");
-        assert.match(err.message, /could not connect to ws:.*POST http:.*\/api\/publish failed too/);
+        assert.match(err.message,
+          /^not connected within 300 ms for "publish": could not connect to ws:.*; POST http:.*\/api\/publish failed too/);
         return true;
       });
     } finally {
       await writer.close();
+    }
+  });
+
+  test("no HTTP API yet: a publish waiting for the WebSocket goes out once it connects", async () => {
+    const port = await freePort();
+    const writer = new Client(`ws://127.0.0.1:${port}/ws`, { WebSocket, minReconnectDelay: 10, maxReconnectDelay: 50 });
+    const retries = new Events();
+    writer.on("retry", () => retries.push({ kind: "retry" }));
+    let later;
+    try {
+      const publishing = writer.publish("news", "waited");
+      await retries.count("retry", 2); // the WebSocket failed, and so did the HTTP API
+      later = await startServer(["--client-publish"], { port });
+      assert.equal((await publishing).offset, 1);
+      assert.equal(writer.state, "connected");
+    } finally {
+      await writer.close();
+      await later?.stop();
     }
   });
 });
