@@ -95,7 +95,7 @@ export interface ClientOptions {
   getToken?: () => string | Promise<string>;
   /** The WebSocket class; default `globalThis.WebSocket`. */
   WebSocket?: new (url: string) => WebSocketLike;
-  /** Milliseconds a request waits for its reply, including for a connection (default 10000). */
+  /** Milliseconds a request waits for its reply, including for a connection (default 10000); also bounds each connection attempt. */
   timeout?: number;
   /** Reconnect backoff bounds in milliseconds (default 100 and 10000). */
   minReconnectDelay?: number;

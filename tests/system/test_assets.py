@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
+
+from trioserve import __version__
 
 from ..peers import http_request
 
@@ -49,3 +53,12 @@ async def test_only_get(start_server: Any) -> None:
     with trio.fail_after(LIMIT):
         resp = await http_request(rs.port, "POST", "/trioserve.js")
         assert resp.status == 405
+
+
+def test_the_versions_agree() -> None:
+    """The npm package, the module's VERSION and the Python package are one release."""
+    package = json.loads((CLIENTS_JS / "package.json").read_text())
+    assert package["version"] == __version__
+    assert package["license"] == "MIT"
+    match = re.search(r'^export const VERSION = "([^"]+)";$', (CLIENTS_JS / "trioserve.js").read_text(), re.M)
+    assert match is not None and match.group(1) == __version__
