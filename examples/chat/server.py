@@ -16,7 +16,8 @@ messages               the custom op ``{"op":"say"}``: validated, rate limited
                        (``slow_down``) and published into the room's history
 last 50 messages       ``GET /api/recent``, a route that reads the hub's history
 connection limits      the ``on_connect`` hook (``Reject``) and ``on_disconnect``
-the web page           ``add_route`` serves ``static/`` on the same port
+the web page           ``add_route`` serves ``static/`` on the same port; its
+                       script imports ``/trioserve.js``, which every Server serves
 =====================  ==========================================================
 
 Run it with ``python -m examples.chat`` from the repository root.

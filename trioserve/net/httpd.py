@@ -152,12 +152,10 @@ async def _read_body(h: h11.Connection, transport: Transport, limit: int) -> byt
 
 async def _respond(h: h11.Connection, transport: Transport, resp: Response, close: bool,
                    head: bool = False) -> None:
-    headers = [
-        _SERVER_HEADER,
-        (b"content-type", resp.content_type),
-        (b"content-length", str(len(resp.body)).encode()),
-        *resp.headers,
-    ]
+    headers = [_SERVER_HEADER, (b"content-type", resp.content_type)]
+    if resp.status != 304:  # a 304 has no body, and its length would be the 200's
+        headers.append((b"content-length", str(len(resp.body)).encode()))
+    headers += resp.headers
     if close:
         headers.append((b"connection", b"close"))
     data = h.send(h11.Response(status_code=resp.status, headers=headers))

@@ -41,6 +41,7 @@ from ..push.brokers import make_broker
 from ..push.handler import leave_all, push_handler
 from ..push.history import History
 from ..push.hub import Hub
+from .assets import asset_routes
 from .auth import Authenticator
 from .stats import ServerStatistics
 
@@ -523,7 +524,8 @@ class Server:
 
 
 def server_routes(server: Server) -> dict[tuple[str, str], RouteHandler]:
-    """The server's own routes: ``/healthz``, ``/readyz`` and ``/metrics``."""
+    """The server's own routes: ``/healthz``, ``/readyz``, ``/metrics``, and the
+    JavaScript client (``/trioserve.js``, ``/trioserve.d.ts``)."""
 
     async def healthz(req: Request) -> Response:
         return json_response(200, {"status": "ok"})
@@ -539,4 +541,5 @@ def server_routes(server: Server) -> dict[tuple[str, str], RouteHandler]:
 
         return metrics_response(server, req)
 
-    return {("GET", "/healthz"): healthz, ("GET", "/readyz"): readyz, ("GET", "/metrics"): metrics}
+    return {("GET", "/healthz"): healthz, ("GET", "/readyz"): readyz, ("GET", "/metrics"): metrics,
+            **asset_routes()}

@@ -1,16 +1,18 @@
-"use strict";
-// The chat's browser client. It speaks trioserve's push protocol over one
-// WebSocket (docs/protocol.md), plus the chat's own ops "say" and "nick" and
-// its routes /api/login and /api/recent. No framework and no build step.
+// The chat's browser client, built on trioserve's JavaScript client
+// (/trioserve.js, served by every trioserve server; docs/client-js.md). The
+// client keeps the connection: it reconnects with backoff, asks /api/login for
+// a fresh token each time, and resubscribes every room from the last message
+// this page has, so what was missed comes back in order. This file adds the
+// chat: its ops "say" and "nick", its route /api/recent, and the page.
 //
 // Everything people type reaches the page through textContent, never
 // innerHTML, so "<script>" in a message is shown as text.
 
+import { Client, TrioserveError } from "/trioserve.js";
+
 const MAX_TEXT = 2000;
 const ROOM_RE = /^[a-z0-9_-]{1,32}$/;
 const NICK_RE = /^[\p{L}\p{N}_][\p{L}\p{N}_.-]{0,23}$/u;
-const BACKOFF_FIRST = 250;
-const BACKOFF_MAX = 5000;
 
 const $ = (id) => document.getElementById(id);
 const ui = {
@@ -21,27 +23,17 @@ const ui = {
   nickDialog: $("nick-dialog"), nickForm: $("nick-form"), nickInput: $("nick-input"), nickError: $("nick-error"),
 };
 
-class ChatError extends Error {
-  constructor(code, message) {
-    super(message);
-    this.code = code;
-  }
-}
-
 class Room {
   constructor(name) {
     this.name = name;
     this.topic = "room." + name;
-    // Where this page is in the room's stream: kept across reconnects, so
-    // resubscribing with "since" brings back exactly what was missed.
-    this.epoch = null;
-    this.offset = 0;
+    this.sub = null; // the trioserve Subscription, while joined
     this.members = new Map(); // connection id -> nick
     this.unread = 0;
     this.problem = null; // the error that kept us out (nick_taken...)
-    // While a (re)subscribe is being applied, live events wait here, so the
-    // room shows its history first and then what came after, in order.
-    this.loading = false;
+    // While the room loads (its last messages, its members), its live events
+    // wait here, so the room shows what came first first.
+    this.loading = 0;
     this.queue = [];
     this.log = document.createElement("ol");
     this.log.className = "log";
@@ -54,18 +46,25 @@ const chat = {
   nick: localStorage.getItem("chat.nick") || "",
   rooms: new Map(),
   current: null,
-  ws: null,
+  client: null,
+  ws: null, // the client's current WebSocket, handy in the console
   online: false,
-  connecting: false,
-  attempt: 0,
-  timer: null,
-  nextId: 1,
-  pending: new Map(), // request id -> {resolve, reject}
+  wasOnline: false,
 };
-window.chat = chat; // handy in the console
+window.chat = chat;
+
+// The client takes a WebSocket class: this one just remembers the latest socket in chat.ws.
+class TrackedWebSocket extends WebSocket {
+  constructor(...args) {
+    super(...args);
+    chat.ws = this;
+  }
+}
 
 // --- connection ---------------------------------------------------------------
 
+// The client's getToken: a fresh token for every connection (the server may
+// have restarted with a new key) and whenever the server asks for one.
 async function login() {
   const res = await fetch("/api/login", {
     method: "POST",
@@ -73,167 +72,124 @@ async function login() {
     body: JSON.stringify({ nick: chat.nick }),
   });
   const body = await res.json();
-  if (!res.ok) throw new ChatError(body.error.code, body.error.message);
-  return body.token;
-}
-
-async function connect() {
-  clearTimeout(chat.timer);
-  chat.timer = null;
-  if (chat.ws || chat.connecting || !chat.nick) return;
-  chat.connecting = true;
-  setStatus(chat.attempt ? "reconnecting" : "connecting");
-  let token;
-  try {
-    // A fresh token for every connection: the server may have restarted with a new key.
-    token = await login();
-  } catch (err) {
-    chat.connecting = false;
-    if (err.code === "bad_nick") askNick(err.message);
-    else scheduleReconnect();
-    return;
+  if (res.ok) return body.token;
+  if (body.error.code === "bad_nick") {
+    askNick(body.error.message);
+    // "unauthorized" stops the client instead of retrying; the nick dialog starts a new one.
+    throw new TrioserveError("unauthorized", body.error.message);
   }
+  throw new TrioserveError(body.error.code, body.error.message);
+}
+
+function connect() {
+  if (chat.client || !chat.nick) return;
   const scheme = location.protocol === "https:" ? "wss:" : "ws:";
-  const ws = new WebSocket(`${scheme}//${location.host}/ws?token=${encodeURIComponent(token)}`);
-  chat.ws = ws;
-  chat.connecting = false;
-  ws.onopen = () => {
-    chat.online = true;
-    setStatus("online");
-    for (const room of chat.rooms.values()) subscribe(room);
-  };
-  ws.onmessage = (event) => {
-    let msg;
-    try {
-      msg = JSON.parse(event.data);
-    } catch {
-      return;
+  const client = new Client(`${scheme}//${location.host}/ws`, {
+    getToken: login,
+    WebSocket: TrackedWebSocket,
+    minReconnectDelay: 250,
+    maxReconnectDelay: 5000,
+  });
+  chat.client = client;
+  client.on("state", (state) => {
+    chat.online = state === "connected";
+    if (chat.online) chat.wasOnline = true;
+    if (state === "disconnected") {
+      chat.client = null;
+      for (const room of chat.rooms.values()) room.sub = null;
+      if (client.error && client.error.code !== "unauthorized") {
+        errorLine(chat.current, `Disconnected: ${client.error.message}. Reload the page to try again.`);
+      }
     }
-    onMessage(msg);
-  };
-  ws.onclose = () => {
-    if (chat.ws !== ws) return;
-    chat.ws = null;
-    if (chat.online) chat.attempt = 0; // it was up: start the backoff over
-    chat.online = false;
-    for (const { reject } of chat.pending.values()) reject(new ChatError("offline", "the connection was lost"));
-    chat.pending.clear();
-    setStatus("reconnecting");
-    scheduleReconnect();
-  };
+    setStatus({ connected: "online", connecting: chat.wasOnline ? "reconnecting" : "connecting",
+                disconnected: "offline" }[state]);
+  });
+  client.on("error", (err) => console.warn("trioserve:", err));
+  for (const room of chat.rooms.values()) subscribe(room);
 }
 
-function scheduleReconnect() {
-  if (chat.timer) return;
-  // Full jitter: after a restart, every page must not come back in the same instant.
-  const delay = Math.random() * Math.min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** chat.attempt);
-  chat.attempt = Math.min(chat.attempt + 1, 16);
-  chat.timer = setTimeout(connect, delay);
+function subscribe(room) {
+  room.problem = null;
+  room.sub = chat.client.subscribe(room.topic, {
+    onSubscribed: (info) => onSubscribed(room, info),
+    onPublication: (pub) => whenLoaded(room, () => showPublication(room, pub)),
+    onGap: (gap) => onGap(room, gap),
+    onJoin: (event) => whenLoaded(room, () => onPresence(room, "joined", event.client)),
+    onLeave: (event) => whenLoaded(room, () => onPresence(room, "left", event.client)),
+    onError: (err) => refused(room, err),
+    timeout: Infinity, // a page opened while the server is down waits for it
+  });
+  room.sub.ready.catch((err) => refused(room, err));
 }
 
-window.addEventListener("online", () => {
-  chat.attempt = 0;
-  connect();
-});
-
-function send(msg) {
-  if (!chat.ws || chat.ws.readyState !== WebSocket.OPEN) return false;
-  chat.ws.send(JSON.stringify(msg));
-  return true;
+function refused(room, err) {
+  room.sub = null;
+  if (err.code === "closed" || err.code === "unsubscribed" || !chat.rooms.has(room.name)) return;
+  room.problem = err;
+  room.members.clear();
+  errorLine(room, err.code === "nick_taken" ? err.serverMessage : `Could not join #${room.name}: ${err.message}`);
+  renderRooms();
+  renderMembers();
 }
 
-function request(msg) {
-  return new Promise((resolve, reject) => {
-    const id = chat.nextId++;
-    if (!send({ ...msg, id })) {
-      reject(new ChatError("offline", "not connected; the chat is reconnecting"));
-      return;
-    }
-    chat.pending.set(id, { resolve, reject });
+function onSubscribed(room, info) {
+  // A first join shows the room's last messages, up to where the subscription starts.
+  if (!info.resubscribed) load(room, () => showRecent(room, 0, info.offset));
+  // The members, again after every reconnect: joins and leaves were missed meanwhile.
+  load(room, async () => {
+    const clients = await chat.client.presence(room.topic);
+    room.members = new Map(clients.map((c) => [c.conn, c.client]));
   });
 }
 
-function onMessage(msg) {
-  if (msg.id !== undefined && chat.pending.has(msg.id)) {
-    const { resolve, reject } = chat.pending.get(msg.id);
-    chat.pending.delete(msg.id);
-    if (msg.ok) resolve(msg);
-    else reject(new ChatError(msg.error.code, msg.error.message));
-    return;
-  }
-  if (msg.op === "refresh_required") {
-    login().then((token) => request({ op: "refresh", token })).catch(() => {});
-    return;
-  }
-  const room = typeof msg.topic === "string" && chat.rooms.get(msg.topic.slice("room.".length));
-  if (!room) return;
-  if (room.loading) room.queue.push(msg);
-  else onRoomEvent(room, msg);
+function onGap(room, gap) {
+  // History could not fill the gap. Mostly the server restarted and its
+  // in-memory history went with it: show what was said since.
+  const sameEpoch = gap.epoch === gap.lastEpoch;
+  divider(room, sameEpoch ? "some messages could not be recovered"
+                          : "the server restarted — here is what was said since");
+  load(room, () => showRecent(room, sameEpoch ? gap.lastOffset : 0, gap.offset));
 }
 
-function onRoomEvent(room, msg) {
-  if (msg.op === "pub") {
-    onPublication(room, msg);
-  } else if (msg.op === "join" || msg.op === "leave") {
-    const { client: nick, conn } = msg.client;
-    if (msg.op === "join") room.members.set(conn, nick);
-    else room.members.delete(conn);
-    notice(room, `${nick} ${msg.op === "join" ? "joined" : "left"}`);
-    renderMembers();
-  }
+async function showRecent(room, after, upto) {
+  const recent = await getJSON(`/api/recent?room=${room.name}&upto=${upto}`);
+  for (const pub of recent.messages) if (pub.offset > after) showPublication(room, pub);
 }
 
-function onPublication(room, pub) {
-  if (pub.offset <= room.offset) return; // seen already
-  room.offset = pub.offset;
-  showPublication(room, pub);
-}
-
-async function subscribe(room) {
-  room.loading = true;
-  const msg = { op: "subscribe", topic: room.topic };
-  if (room.epoch !== null) msg.since = { epoch: room.epoch, offset: room.offset };
+// Run `work` with the room's live events held back until it (and any other load) is done.
+async function load(room, work) {
+  room.loading += 1;
   try {
-    const reply = await request(msg);
-    room.problem = null;
-    if (reply.recovered) {
-      for (const pub of reply.publications) onPublication(room, pub);
-    } else {
-      // A first join, or a gap history cannot fill (the server restarted and
-      // its in-memory history went with it): show the room's latest messages.
-      const sameEpoch = room.epoch === reply.epoch;
-      if (room.epoch !== null) {
-        divider(room, sameEpoch ? "some messages could not be recovered"
-                                : "the server restarted — here is what was said since");
-      }
-      const after = sameEpoch ? room.offset : 0;
-      room.epoch = reply.epoch;
-      const recent = await getJSON(`/api/recent?room=${room.name}&upto=${reply.offset}`);
-      for (const pub of recent.messages) if (pub.offset > after) showPublication(room, pub);
-      room.offset = reply.offset;
-    }
-    const presence = await request({ op: "presence", topic: room.topic });
-    room.members = new Map(presence.clients.map((c) => [c.conn, c.client]));
+    await work();
   } catch (err) {
-    // Offline: the next connection subscribes again.
-    if (err.code !== "offline" && chat.online) {
-      room.problem = err;
-      room.members.clear();
-      errorLine(room, err.code === "nick_taken" ? err.message : `Could not join #${room.name}: ${err.message}`);
-    }
+    if (err.code !== "closed") errorLine(room, `Could not load #${room.name}: ${err.message}`);
   } finally {
-    room.loading = false;
-    const queued = room.queue;
-    room.queue = [];
-    for (const msg of queued) onRoomEvent(room, msg);
-    renderRooms();
-    renderMembers();
+    room.loading -= 1;
+    if (room.loading === 0) {
+      const queued = room.queue;
+      room.queue = [];
+      for (const event of queued) event();
+      renderRooms();
+      renderMembers();
+    }
   }
+}
+
+function whenLoaded(room, event) {
+  if (room.loading) room.queue.push(event);
+  else event();
+}
+
+function onPresence(room, what, client) {
+  if (what === "joined") room.members.set(client.conn, client.client);
+  else room.members.delete(client.conn);
+  notice(room, `${client.client} ${what}`);
+  renderMembers();
 }
 
 async function getJSON(url) {
   const res = await fetch(url);
-  if (!res.ok) throw new ChatError("http", `${url}: HTTP ${res.status}`);
+  if (!res.ok) throw new Error(`${url}: HTTP ${res.status}`);
   return res.json();
 }
 
@@ -283,12 +239,17 @@ async function say(room, text, me) {
     errorLine(room, `Messages are at most ${MAX_TEXT} characters.`);
     return false;
   }
+  if (!chat.online) {
+    errorLine(room, "Not sent: the chat is reconnecting.");
+    return false;
+  }
   try {
-    await request({ op: "say", room: room.name, text, me });
+    await chat.client.request("say", { room: room.name, text, me });
     return true;
   } catch (err) {
-    // slow_down, too_long, offline: the text stays in the input to send again.
-    errorLine(room, err.code === "offline" ? "Not sent: the chat is reconnecting." : err.message);
+    // slow_down, too_long, the connection lost: the text stays in the input to send again.
+    errorLine(room, err.serverMessage || (err.code === "connection_lost"
+      ? "Not sent: the connection was lost." : err.message));
     return false;
   }
 }
@@ -300,15 +261,16 @@ async function changeNick(nick) {
   }
   if (chat.online) {
     try {
-      await request({ op: "nick", nick });
+      await chat.client.request("nick", { nick });
     } catch (err) {
-      errorLine(chat.current, err.message);
+      errorLine(chat.current, err.serverMessage || err.message);
       return false;
     }
   }
+  // The next token (reconnects, refreshes) carries the new nick.
   setNick(nick);
   // Rooms that refused the old nick may take this one.
-  for (const room of chat.rooms.values()) if (room.problem && chat.online) subscribe(room);
+  for (const room of chat.rooms.values()) if (room.problem && chat.client) subscribe(room);
   return true;
 }
 
@@ -330,7 +292,7 @@ function joinRoom(name, show) {
     room = new Room(name);
     chat.rooms.set(name, room);
     saveRooms();
-    if (chat.online) subscribe(room);
+    if (chat.client) subscribe(room);
   }
   if (show || !chat.current) showRoom(room);
   renderRooms();
@@ -342,7 +304,7 @@ function leaveRoom(room) {
     errorLine(room, "This is your only room; /join another one first.");
     return false;
   }
-  send({ op: "unsubscribe", topic: room.topic });
+  room.sub?.unsubscribe();
   chat.rooms.delete(room.name);
   room.log.remove();
   saveRooms();
@@ -359,7 +321,9 @@ function saveRooms() {
 
 function setStatus(state) {
   ui.status.dataset.state = state;
-  ui.status.textContent = { online: "Online", connecting: "Connecting…", reconnecting: "Reconnecting…" }[state];
+  ui.status.textContent = {
+    online: "Online", connecting: "Connecting…", reconnecting: "Reconnecting…", offline: "Offline",
+  }[state];
   document.body.classList.toggle("offline", state !== "online");
   ui.banner.hidden = state !== "reconnecting";
   ui.send.disabled = state !== "online";
