@@ -213,6 +213,7 @@ class RedisPresence:
         self._sweeps: list[tuple[str, list[tuple[bytes, bytes]]]] = []
         self._rewrite = False
         self._wake = trio.lowlevel.ParkingLot()
+        self._failing = False
 
     # --- the seam (synchronous: note and return) -------------------------------------
 
@@ -309,9 +310,12 @@ class RedisPresence:
             for topic, expired in sweeps:
                 await self._sweep(topic, expired)
         except REDIS_ERRORS as exc:
-            log.warning("presence: redis unavailable (%s); rewriting every member on recovery", exc)
+            if not self._failing:  # once per outage: the broker logs its retries
+                log.warning("presence: redis unavailable (%s); rewriting every member on recovery", exc)
+            self._failing = True
             self._dirty |= dirty  # members that left are deleted then too
             return False
+        self._failing = False
         return True
 
     async def _send(self, commands: list[Command]) -> None:
