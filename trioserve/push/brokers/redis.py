@@ -8,7 +8,9 @@ Keys per topic T (a Redis Cluster would hash them to one slot thanks to ``{T}``)
 - ``ts:{T}:epoch``: a random name for this history. If Redis loses its data,
   the key is gone and the next publish or join makes a new one, so clients
   learn their gap is unknowable (``recovered: false``);
-- channel ``ts:pub:T``: ``<epoch> <offset> <publication JSON>``.
+- channel ``ts:pub:T``: ``<epoch> <offset> <publication JSON>``;
+- presence: the hash ``ts:{T}:members`` and the channel ``ts:ev:T``
+  (redis_presence.py), joined and left with ``ts:pub:T``.
 
 One Lua script assigns offsets, appends to history and publishes, so offsets
 are gapless and in the same order on every node.
@@ -46,9 +48,7 @@ from collections import deque
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-import anyio
 import coredis
-import coredis.exceptions
 import coredis.retry
 import orjson
 import trio
@@ -57,6 +57,8 @@ from coredis.connection import TCPLocation
 from ...config import redact_url
 from ...protocol.codes import CloseCode
 from .base import Broker, BrokerUnavailable
+from .redis_presence import REDIS_ERRORS as _ERRORS
+from .redis_presence import RedisPresence, event_channel
 from .redis_pubsub import PubSubConnection
 from .redis_sequencer import Message, Sequencer, Verdict, parse_message
 
@@ -119,12 +121,6 @@ end
 return {tonumber(redis.call('GET', KEYS[1]) or '0'), epoch}
 """
 
-# coredis surfaces a dropped connection (and, at cancellation, its own cleanup)
-# as anyio stream errors too; to us all of them mean "reconnect".
-_ERRORS = (coredis.exceptions.RedisError, OSError, TimeoutError, trio.BrokenResourceError,
-           anyio.ClosedResourceError, anyio.BrokenResourceError, anyio.EndOfStream)
-
-
 def _keys(topic: str) -> tuple[str, str, str]:
     return f"ts:{{{topic}}}:off", f"ts:{{{topic}}}:hist", f"ts:{{{topic}}}:epoch"
 
@@ -177,12 +173,17 @@ class RedisBroker(Broker):
 
     synchronous = False
     pipelined = True
+    shares_presence = True
     #: Seconds to connect, and to wait for any answer (a publish batch, a
     #: subscribe, a PING); tests shorten them.
     connect_timeout = 2.0
     stream_timeout = 5.0
     #: Seconds of pub/sub silence before a PING.
     keepalive = 15.0
+    #: Seconds between rewrites of this node's presence members, and how long
+    #: each write keeps them (a crashed node's members go after that); tests shorten them.
+    presence_refresh = 10.0
+    presence_ttl = 30.0
 
     def __init__(self, url: str, config: Config):
         self.url = url
@@ -199,6 +200,9 @@ class RedisBroker(Broker):
         self._client: coredis.Redis[bytes] = coredis.Redis.from_url(url, **options)
         self._publish_script = self._client.register_script(PUBLISH_SCRIPT)
         self._position_script = self._client.register_script(_POSITION)
+        self._presence = RedisPresence(self._client, config, lambda t, e: self.hub.send_event(t, e),
+                                       refresh=self.presence_refresh, ttl=self.presence_ttl)
+        self.node = self._presence.node  # per process: each worker of --workers N is a node
         self._pubsub: PubSubConnection | None = None
         self._seq = Sequencer()
         # Publications waiting for the sender, and those it is sending.
@@ -282,7 +286,7 @@ class RedisBroker(Broker):
             try:
                 # Subscribe first, then read the position: every publication
                 # after it is sure to arrive on the channel.
-                await pubsub.subscribe(_channel(topic))
+                await pubsub.subscribe(*self._channels(topic))
                 epoch, position = await self._position(topic)
             except _ERRORS as exc:
                 self._seq.abandon(topic)
@@ -291,6 +295,23 @@ class RedisBroker(Broker):
 
     def leave(self, topic: str) -> None:
         self._leaves_send.send_nowait(topic)
+
+    def _channels(self, topic: str) -> list[str]:
+        """The channels a node joined to *topic* listens to."""
+        if self._presence.listens(topic):
+            return [_channel(topic), event_channel(topic)]
+        return [_channel(topic)]
+
+    # --- presence (redis_presence.py) --------------------------------------------------
+
+    def member_joined(self, topic: str, member: dict[str, Any], event: bytes | None) -> None:
+        self._presence.joined(topic, member, event)
+
+    def member_left(self, topic: str, member: dict[str, Any], event: bytes | None) -> None:
+        self._presence.left(topic, member, event)
+
+    async def members(self, topic: str) -> list[dict[str, Any]] | None:
+        return await self._presence.members(topic)
 
     async def head(self, topic: str) -> tuple[str, int]:
         if self._seq.is_joined(topic):
@@ -341,6 +362,7 @@ class RedisBroker(Broker):
         backoff = 0.1
         async with self._client, trio.open_nursery() as nursery:
             nursery.start_soon(self._send_loop)
+            nursery.start_soon(self._presence.run)
             while True:
                 try:
                     pubsub = await self._open_pubsub()
@@ -388,9 +410,10 @@ class RedisBroker(Broker):
         The consumer starts after this: what arrives meanwhile waits in *pubsub*."""
         topics = self._seq.joined()
         if topics:
-            await pubsub.subscribe(*(_channel(t) for t in topics))
+            await pubsub.subscribe(*(c for t in topics for c in self._channels(t)))
         self._pubsub = pubsub
         self.connected.set()
+        self._presence.rewrite()  # Redis may have restarted without them
         for topic in topics:
             if not self._seq.is_joined(topic):
                 continue  # left meanwhile
@@ -408,7 +431,7 @@ class RedisBroker(Broker):
                     continue
                 self._seq.abandon(topic)
                 self.hub.forget_history(topic)
-                await pubsub.unsubscribe(_channel(topic))
+                await pubsub.unsubscribe(*self._channels(topic))
 
     async def _consume(self, pubsub: PubSubConnection) -> None:
         """Hand each run of publications to the hub, in order, with no checkpoint
@@ -418,6 +441,8 @@ class RedisBroker(Broker):
                 message = parse_message(channel, data)
                 if message is not None:
                     await self._arrive(message)
+                else:  # not a publication: a presence event, maybe
+                    self._presence.deliver(channel, data)
 
     async def _arrive(self, message: Message) -> None:
         await self.hub.wait_for_space()  # returns at once (no checkpoint) unless the inbox is full
