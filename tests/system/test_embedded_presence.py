@@ -80,36 +80,47 @@ async def until_conns(ws: RawWebSocket, topic: str, predicate: Any) -> list[str]
     return found
 
 
+async def check_presence_spans(a: RawWebSocket, b: RawWebSocket, node_a: str, node_b: str, *,
+                               b_sees_a_at_once: bool) -> None:
+    """*a* on one node (or worker) and *b* on another: the presence list and the
+    join/leave events of a topic cover both, and *b*'s member goes when *b* leaves
+    or disconnects. ``conn`` ids end with ``@`` and the node's name."""
+    await request(a, {"op": "subscribe", "topic": "room.1", "id": 1})
+    await request(a, {"op": "subscribe", "topic": "plain", "id": 2})
+    (mine,) = await conns(a, "room.1")
+    assert re.fullmatch(rf"c\d+@{node_a}", mine), mine
+    await request(b, {"op": "subscribe", "topic": "room.1", "id": 1})
+    joined = (await event(a, "join"))["client"]
+    assert joined["client"] == "anonymous" and joined["transport"] == "websocket"
+    theirs = joined["conn"]
+    assert re.fullmatch(rf"c\d+@{node_b}", theirs), theirs
+    # The member is written before its event goes out: *a* lists it now.
+    assert await conns(a, "room.1") == sorted([mine, theirs])
+    if b_sees_a_at_once:
+        assert await conns(b, "room.1") == sorted([mine, theirs])
+    else:
+        assert await until_conns(b, "room.1", lambda found: mine in found) == sorted([mine, theirs])
+    await request(b, {"op": "unsubscribe", "topic": "room.1", "id": 2})
+    assert (await event(a, "leave"))["client"] == joined
+    assert await conns(a, "room.1") == [mine]
+    await request(b, {"op": "subscribe", "topic": "room.1", "id": 3})
+    assert (await event(a, "join"))["client"] == joined
+    # A topic without presence events: the list spans the nodes too.
+    await request(b, {"op": "subscribe", "topic": "plain", "id": 4})
+    await until_conns(a, "plain", lambda found: theirs in found)
+    await b.aclose()  # disconnecting leaves every topic
+    assert (await event(a, "leave"))["client"] == joined
+    assert await conns(a, "room.1") == [mine]
+    assert await until_conns(a, "plain", lambda found: theirs not in found) == [mine]
+
+
 async def test_presence_and_join_leave_events_span_the_workers(tmp_path: Path) -> None:
     with trio.fail_after(STARTUP_TIMEOUT + LIMIT):
         async with presence_workers(tmp_path) as sp:
             a = await client_on(sp.port, "1")
             b = await client_on(sp.port, "2")
             try:
-                await request(a, {"op": "subscribe", "topic": "room.1", "id": 1})
-                await request(a, {"op": "subscribe", "topic": "plain", "id": 2})
-                (mine,) = await conns(a, "room.1")
-                assert re.fullmatch(r"c\d+@w1", mine), mine
-                await request(b, {"op": "subscribe", "topic": "room.1", "id": 1})
-                joined = (await event(a, "join"))["client"]
-                assert joined["client"] == "anonymous" and joined["transport"] == "websocket"
-                theirs = joined["conn"]
-                assert re.fullmatch(r"c\d+@w2", theirs), theirs
-                # The event came through the supervisor: so did the member.
-                assert await conns(a, "room.1") == sorted([mine, theirs])
-                assert await conns(b, "room.1") == sorted([mine, theirs])
-                await request(b, {"op": "unsubscribe", "topic": "room.1", "id": 2})
-                assert (await event(a, "leave"))["client"] == joined
-                assert await conns(a, "room.1") == [mine]
-                await request(b, {"op": "subscribe", "topic": "room.1", "id": 3})
-                assert (await event(a, "join"))["client"] == joined
-                # A topic without presence events: the list spans the workers too.
-                await request(b, {"op": "subscribe", "topic": "plain", "id": 4})
-                await until_conns(a, "plain", lambda found: theirs in found)
-                await b.aclose()  # disconnecting leaves every topic
-                assert (await event(a, "leave"))["client"] == joined
-                assert await conns(a, "room.1") == [mine]
-                assert await until_conns(a, "plain", lambda found: theirs not in found) == [mine]
+                await check_presence_spans(a, b, "w1", "w2", b_sees_a_at_once=True)
             finally:
                 await close_all([a, b])
 

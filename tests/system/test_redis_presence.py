@@ -18,7 +18,7 @@ from trioserve.push.brokers.redis_presence import members_key
 from ..conftest import RedisServer
 from ..peers import RawWebSocket
 from ..serverproc import STARTUP_TIMEOUT
-from .test_embedded_presence import client_on, conns, event, request, until_conns
+from .test_embedded_presence import check_presence_spans, client_on, conns, event, request, until_conns
 from .test_redis_batching import redis_call
 from .test_workers import close_all, run_workers
 
@@ -36,30 +36,7 @@ async def test_presence_and_join_leave_events_span_the_nodes(start_server: Any, 
     with trio.fail_after(LIMIT):
         a, b = await RawWebSocket.connect(node_a.port), await RawWebSocket.connect(node_b.port)
         async with a.stream, b.stream:
-            await request(a, {"op": "subscribe", "topic": "room.1", "id": 1})
-            await request(a, {"op": "subscribe", "topic": "plain", "id": 2})
-            (mine,) = await conns(a, "room.1")
-            assert re.fullmatch(rf"c\d+@{name_a}", mine), mine
-            await request(b, {"op": "subscribe", "topic": "room.1", "id": 1})
-            joined = (await event(a, "join"))["client"]
-            assert joined["client"] == "anonymous" and joined["transport"] == "websocket"
-            theirs = joined["conn"]
-            assert re.fullmatch(rf"c\d+@{name_b}", theirs), theirs
-            # The hash is written before the event is published: the member is there.
-            assert await conns(a, "room.1") == sorted([mine, theirs])
-            assert await until_conns(b, "room.1", lambda found: mine in found) == sorted([mine, theirs])
-            await request(b, {"op": "unsubscribe", "topic": "room.1", "id": 2})
-            assert (await event(a, "leave"))["client"] == joined
-            assert await conns(a, "room.1") == [mine]
-            await request(b, {"op": "subscribe", "topic": "room.1", "id": 3})
-            assert (await event(a, "join"))["client"] == joined
-            # A topic without presence events: the list spans the nodes too.
-            await request(b, {"op": "subscribe", "topic": "plain", "id": 4})
-            await until_conns(a, "plain", lambda found: theirs in found)
-            await b.aclose()  # disconnecting leaves every topic
-            assert (await event(a, "leave"))["client"] == joined
-            assert await conns(a, "room.1") == [mine]
-            assert await until_conns(a, "plain", lambda found: theirs not in found) == [mine]
+            await check_presence_spans(a, b, name_a, name_b, b_sees_a_at_once=False)
 
 
 async def test_a_stopped_nodes_members_expire_and_leave(
