@@ -9,42 +9,29 @@ server is ``python -m trioserve serve`` as a process.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
+from ..browser import TIMEOUT_MS, chromium
 from ..examples.conftest import Example, free_port
+
+# isort: off
+# After ..browser, whose import skips this module where the browser is missing.
+from playwright.sync_api import Browser, Page
+# isort: on
 
 pytestmark = pytest.mark.system
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-    "--disable-component-update", "--disable-sync", "--no-first-run",
-]
-TIMEOUT_MS = 15_000
 LISTENING = r"listening on http://127\.0\.0\.1:(\d+) "
-
-if not os.environ.get("CI"):
-    pytest.importorskip("playwright.sync_api")
-    if not shutil.which(CHROMIUM):
-        pytest.skip(f"{CHROMIUM} is not installed (apt-get install chromium)", allow_module_level=True)
-
-from playwright.sync_api import Browser, Page, sync_playwright  # noqa: E402
 
 
 @pytest.fixture
 def browser() -> Iterator[Browser]:
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, timeout=60_000)
-        try:
-            yield browser
-        finally:
-            browser.close()
+    with chromium() as launched:
+        yield launched
 
 
 @pytest.fixture

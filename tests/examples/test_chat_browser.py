@@ -13,43 +13,28 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from ..browser import TIMEOUT_MS, chromium
 from .conftest import REPO, Example, free_port
 
+# isort: off
+# After ..browser, whose import skips this module where the browser is missing.
+from playwright.sync_api import Browser, Locator, Page, expect
+# isort: on
+
 pytestmark = pytest.mark.system
-
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-    "--disable-component-update", "--disable-sync", "--no-first-run",
-]
-TIMEOUT_MS = 15_000
-
-if not os.environ.get("CI"):
-    # On a developer machine without the browser, skip; in CI a missing browser is a failure.
-    pytest.importorskip("playwright.sync_api")
-    if not shutil.which(CHROMIUM):
-        pytest.skip(f"{CHROMIUM} is not installed (apt-get install chromium)", allow_module_level=True)
-
-from playwright.sync_api import Browser, Locator, Page, expect, sync_playwright  # noqa: E402
 
 
 @pytest.fixture
 def browser() -> Iterator[Browser]:
     expect.set_options(timeout=TIMEOUT_MS)
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS,
-                                             timeout=60_000)
-        try:
-            yield browser
-        finally:
-            browser.close()
+    with chromium() as launched:
+        yield launched
 
 
 @pytest.fixture
