@@ -4,9 +4,10 @@ broker is synchronous and never fails, and Redis is the system tests'."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
+import attrs
 import trio
 
 from trioserve.protocol.messages import encode_publication
@@ -62,3 +63,17 @@ class PipelinedBroker(RemoteBroker):
     async def publish_many(self, items: Sequence[tuple[str, Any]]) -> list[int | BrokerUnavailable]:
         self.runs.append(len(items))
         return await super().publish_many(items)
+
+
+@attrs.frozen
+class Lines:
+    """A framing that writes each payload as a line (what NDJSON does)."""
+
+    name: str = "lines"
+
+    @property
+    def frame_batch(self) -> Callable[[Any], bytes]:
+        return lambda payloads: b"".join(p + b"\n" for p in payloads)
+
+
+LINES = Lines()

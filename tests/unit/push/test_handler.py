@@ -16,21 +16,7 @@ from trioserve import Claims, CloseCode, Command, Config, ConnectionClosed, Hub,
 from trioserve.protocol.claims import ANONYMOUS, AuthError
 from trioserve.push.handler import client_info, push_handler
 
-from .helpers import PipelinedBroker
-
-
-@attrs.frozen
-class Lines:
-    """A framing that writes each payload as a line (what NDJSON does)."""
-
-    name: str = "lines"
-
-    @property
-    def frame_batch(self) -> Callable[[Any], bytes]:
-        return lambda payloads: b"".join(p + b"\n" for p in payloads)
-
-
-LINES = Lines()
+from .helpers import LINES, PipelinedBroker
 
 
 class FakeClient:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -22,23 +22,16 @@ from trioserve.push.brokers.relay import RelayServer
 from trioserve.push.brokers.sequencer import Sequencer
 from trioserve.push.history import History
 
+from ..helpers import LINES
+
 LIMIT = 10.0
-
-
-@attrs.frozen
-class Lines:
-    name: str = "lines"
-
-    @property
-    def frame_batch(self) -> Callable[[Any], bytes]:
-        return lambda payloads: b"".join(p + b"\n" for p in payloads)
 
 
 @attrs.define(eq=False)
 class Sub:
     """A subscriber that keeps what it is sent, and how many sends carried it."""
 
-    framing: Any = Lines()
+    framing: Any = LINES
     got: list[bytes] = attrs.Factory(list)
     sends: int = 0
     closed: int | None = None
