@@ -1,14 +1,20 @@
 """The Redis broker's presence: every node's members of a topic, and join/leave events between nodes.
 
-Keys per topic T:
+Keys:
 
-- ``ts:{T}:members``: a hash, field = a member's ``conn`` (unique in the
-  cluster: ``c12@<node>``), value = the member's JSON plus ``node`` and
-  ``expires`` (Unix ms). Each node writes only its own members, and rewrites
-  all of them every ``refresh`` seconds with a new expiry ``ttl`` seconds on,
-  so a crashed node's members stop counting once their expiry passes. The
-  hash itself expires ``ttl`` after the last write, so a topic nobody is in
-  leaves nothing behind.
+- ``ts:node:<node>``: this node is alive. Each node sets it every ``refresh``
+  seconds with an expiry ``ttl`` on (``SET … PX … GET``), so Redis's own clock
+  decides when a crashed node is gone: the nodes' clocks never have to agree.
+  The ``GET`` part tells the node when its key had vanished (Redis restarted,
+  or the node stalled past ``ttl`` and others swept its members): it then
+  writes all its members again.
+- ``ts:{T}:members``: a hash per topic, field = a member's ``conn`` (unique in
+  the cluster: ``c12@<node>``), value = the member's JSON plus ``node``. A node
+  writes an entry once, when its client joins, and deletes it when the client
+  leaves. A refresh writes no entries: it only renews the node's key and each
+  of its topics' hash expiry (``ttl`` after the last write, so a topic nobody
+  is in leaves nothing behind). Refreshing costs a command per topic, not per
+  member.
 - channel ``ts:ev:T``: ``<node> <event JSON>``, a join or leave event for the
   other nodes' subscribers. A node listens to it (on the broker's pub/sub
   connection) while it has joined T and T has presence events, and ignores
@@ -20,15 +26,18 @@ which sends everything noted as one pipeline per round: hash writes first,
 then the events, so a node that gets a join event finds the member in the
 hash. Nothing here runs per publication.
 
-``members`` reads the hash and skips this node's entries (the handler adds its
-own hub's subscribers) and expired ones. Expired entries it saw are swept by
-the writer task: a script deletes each one whose value is still what was read
-(a node that came back and refreshed it keeps it), and the node that deleted
-it sends its ``leave`` event when the topic has presence events, here and to
-the other nodes. So a crashed node's members leave with an event once someone
-asks for the topic's presence after their expiry.
+``members`` reads the hash, then which of the nodes found there are alive
+(one ``MGET``), and skips this node's entries (the handler adds its own hub's
+subscribers) and dead nodes' ones. Dead nodes' entries it saw are swept by the
+writer task: a script deletes each one whose value is still what was read, and
+the node that deleted it sends its ``leave`` event when the topic has presence
+events, here and to the other nodes. So a crashed node's members leave with an
+event once someone asks for the topic's presence after its key expired.
 
-The pure parts (keys, entries, expiry filtering, the commands of one round)
+Each node keeps its members' encoded entries (topic → conn → bytes, about
+200 bytes a member), to write them all again when Redis lost them.
+
+The pure parts (keys, entries, liveness filtering, the commands of one round)
 are functions, tested without Redis (tests/unit/push/brokers/test_redis_presence.py).
 """
 
@@ -37,8 +46,7 @@ from __future__ import annotations
 import logging
 import math
 import secrets
-import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import anyio
@@ -46,7 +54,7 @@ import coredis.exceptions
 import orjson
 import trio
 
-from ...protocol.messages import encode_presence_event
+from ...protocol.messages import encode_presence_event, kept_json
 from .base import BrokerUnavailable
 
 if TYPE_CHECKING:
@@ -54,7 +62,7 @@ if TYPE_CHECKING:
 
 __all__ = ["EVENT_PREFIX", "MAX_DIRTY", "MAX_EVENTS", "REDIS_ERRORS", "SWEEP_SCRIPT", "Entry",
            "RedisPresence", "decode_entry", "encode_entry", "encode_event", "event_channel",
-           "members_key", "new_node_id", "parse_event", "plan_round", "visible_members"]
+           "members_key", "new_node_id", "node_key", "parse_event", "plan_round", "visible_members"]
 
 log = logging.getLogger("trioserve.brokers.redis")
 
@@ -66,7 +74,7 @@ REDIS_ERRORS = (coredis.exceptions.RedisError, OSError, TimeoutError, trio.Broke
 EVENT_PREFIX = "ts:ev:"
 #: Changed members remembered between rounds at most; past that, the next round
 #: rewrites every member of this node instead (members that left meanwhile then
-#: linger until their expiry).
+#: linger until their node's key expires).
 MAX_DIRTY = 100_000
 #: Events waiting for the next round at most; more are dropped (and logged).
 MAX_EVENTS = 10_000
@@ -99,6 +107,10 @@ def members_key(topic: str) -> str:
     return f"ts:{{{topic}}}:members"
 
 
+def node_key(node: str) -> str:
+    return f"ts:node:{node}"
+
+
 def event_channel(topic: str) -> str:
     return f"{EVENT_PREFIX}{topic}"
 
@@ -108,12 +120,10 @@ class Entry(NamedTuple):
 
     member: dict[str, Any]
     node: str
-    #: Unix time in ms after which the member no longer counts.
-    expires: int
 
 
-def encode_entry(member: dict[str, Any], node: str, expires: int) -> bytes:
-    return orjson.dumps({**member, "node": node, "expires": expires})
+def encode_entry(member: dict[str, Any], node: str) -> bytes:
+    return kept_json({**member, "node": node})
 
 
 def decode_entry(value: bytes) -> Entry | None:
@@ -121,30 +131,33 @@ def decode_entry(value: bytes) -> Entry | None:
     try:
         member = orjson.loads(value)
         node = member.pop("node")
-        expires = member.pop("expires")
     except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
         return None
-    if not isinstance(node, str) or not isinstance(expires, int) or isinstance(expires, bool):
+    if not isinstance(node, str):
         return None
-    return Entry(member, node, expires)
+    return Entry(member, node)
 
 
-def visible_members(entries: dict[bytes, bytes], node: str, now: int
-                    ) -> tuple[list[dict[str, Any]], list[tuple[bytes, bytes]]]:
-    """From a members hash read at *now* (Unix ms): the other nodes' live members,
-    and the expired entries of other nodes (field, value) to sweep. This node's
-    own entries are skipped (its hub lists them), as are values not of ours."""
+def visible_members(entries: dict[bytes, bytes], node: str, alive: Collection[str] | None
+                    ) -> tuple[list[dict[str, Any]], list[tuple[bytes, bytes]], set[str]]:
+    """From a members hash: the live members of other nodes, the entries of dead
+    nodes (field, value) to sweep, and the other nodes found. *alive* is the
+    set of other nodes whose key exists; None means "not asked yet": every other
+    node counts as alive and nothing is swept. This node's own entries are
+    skipped (its hub lists them), as are values not of ours."""
     live: list[dict[str, Any]] = []
-    expired: list[tuple[bytes, bytes]] = []
+    dead: list[tuple[bytes, bytes]] = []
+    nodes: set[str] = set()
     for field, value in entries.items():
         entry = decode_entry(value)
         if entry is None or entry.node == node:
             continue
-        if entry.expires <= now:
-            expired.append((field, value))
-        else:
+        nodes.add(entry.node)
+        if alive is None or entry.node in alive:
             live.append(entry.member)
-    return live, expired
+        else:
+            dead.append((field, value))
+    return live, dead, nodes
 
 
 def encode_event(node: str, event: bytes) -> bytes:
@@ -162,15 +175,16 @@ def parse_event(channel: bytes, data: bytes, node: str) -> tuple[str, bytes] | N
     return channel[len(EVENT_PREFIX):].decode(errors="replace"), event
 
 
-def plan_round(local: dict[str, dict[str, dict[str, Any]]], dirty: Iterable[tuple[str, str]],
-               events: list[tuple[str, bytes]], *, full: bool, node: str, now: int, ttl: float
-               ) -> list[Command]:
+def plan_round(local: dict[str, dict[str, bytes]], dirty: Iterable[tuple[str, str]],
+               events: list[tuple[str, bytes]], *, full: bool, renew: bool, node: str,
+               ttl: float) -> list[Command]:
     """The commands of one round, hash writes before events: ``("hset", key,
     {field: value})``, ``("hdel", key, [fields])``, ``("expire", key, seconds)``,
-    ``("publish", channel, data)``. *full* rewrites every member in *local*
-    (topic → conn → member); otherwise only the *dirty* ones, and a dirty
-    member no longer in *local* is deleted."""
-    expires = now + int(ttl * 1000)
+    ``("publish", channel, data)``. *local* is this node's entries (topic →
+    conn → encoded entry). *full* writes every one of them; otherwise only the
+    *dirty* ones, and a dirty member no longer in *local* is deleted. *renew*
+    (the refresh) renews the expiry of every topic in *local*; otherwise only
+    of the topics written."""
     writes: dict[str, list[str]] = {}
     deletes: dict[str, list[str]] = {}
     for topic, conn in dirty:
@@ -178,18 +192,22 @@ def plan_round(local: dict[str, dict[str, dict[str, Any]]], dirty: Iterable[tupl
     if full:
         writes = {topic: list(members) for topic, members in local.items()}
     commands: list[Command] = []
+    seconds = math.ceil(ttl)
     for topic, conns in writes.items():
         key = members_key(topic)
         members = local[topic]
         for start in range(0, len(conns), MAX_FIELDS):
-            chunk = conns[start:start + MAX_FIELDS]
-            commands.append(("hset", key, {c: encode_entry(members[c], node, expires) for c in chunk}))
-        commands.append(("expire", key, math.ceil(ttl)))
+            commands.append(("hset", key, {c: members[c] for c in conns[start:start + MAX_FIELDS]}))
+        if not renew:
+            commands.append(("expire", key, seconds))
+    if renew:
+        commands.extend(("expire", members_key(topic), seconds) for topic in local)
     for topic, conns in deletes.items():
         commands.append(("hdel", members_key(topic), conns))
     for topic, event in events:
         commands.append(("publish", event_channel(topic), encode_event(node, event)))
     return commands
+
 
 
 class RedisPresence:
@@ -205,8 +223,9 @@ class RedisPresence:
         self._client = client
         self._send_event = send_event
         self._sweep_script = client.register_script(SWEEP_SCRIPT)
-        # topic → conn → member, this node's members (what a full round rewrites).
-        self._local: dict[str, dict[str, dict[str, Any]]] = {}
+        # topic → conn → encoded entry: this node's members, kept encoded (one
+        # exact-size bytes each) to write them again when Redis lost them.
+        self._local: dict[str, dict[str, bytes]] = {}
         self._dirty: set[tuple[str, str]] = set()
         self._events: list[tuple[str, bytes]] = []
         self._dropped = 0
@@ -219,7 +238,7 @@ class RedisPresence:
 
     def joined(self, topic: str, member: dict[str, Any], event: bytes | None) -> None:
         conn = member["conn"]
-        self._local.setdefault(topic, {})[conn] = member
+        self._local.setdefault(topic, {})[conn] = encode_entry(member, self.node)
         self._changed(topic, conn, event)
 
     def left(self, topic: str, member: dict[str, Any], event: bytes | None) -> None:
@@ -234,7 +253,7 @@ class RedisPresence:
     def _changed(self, topic: str, conn: str, event: bytes | None) -> None:
         if len(self._dirty) < MAX_DIRTY:
             self._dirty.add((topic, conn))
-        else:  # a full rewrite covers the joins; the leaves linger until they expire
+        else:  # a full rewrite covers the joins; the leaves linger until the node's key expires
             self._rewrite = True
         if event is not None:
             self._add_event(topic, event)
@@ -265,50 +284,60 @@ class RedisPresence:
     async def members(self, topic: str) -> list[dict[str, Any]]:
         try:
             entries = await self._client.hgetall(members_key(topic))
+            _, _, nodes = visible_members(entries, self.node, None)
+            order = sorted(nodes)
+            keys = await self._client.mget([node_key(n) for n in order]) if order else ()
         except REDIS_ERRORS as exc:
             raise BrokerUnavailable(f"redis: {exc}") from None
-        live, expired = visible_members(entries, self.node, int(time.time() * 1000))
-        if expired:
-            self._sweeps.append((topic, expired))
+        alive = {n for n, value in zip(order, keys, strict=True) if value is not None}
+        live, dead, _ = visible_members(entries, self.node, alive)
+        if dead:
+            self._sweeps.append((topic, dead))
             self._wake.unpark_all()
         return live
 
     # --- the writer --------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Write what changed, one pipeline per round, and everything every
-        ``refresh`` seconds; runs until cancelled."""
-        next_full = trio.current_time()
+        """Write what changed, one pipeline per round; renew this node's key and
+        its topics' expiry every ``refresh`` seconds. Runs until cancelled."""
+        next_renew = trio.current_time()
         while True:
-            with trio.move_on_at(next_full):
+            with trio.move_on_at(next_renew):
                 while not (self._dirty or self._events or self._sweeps or self._rewrite):
                     await self._wake.park()
-            full = self._rewrite or trio.current_time() >= next_full
-            if full:
-                next_full = trio.current_time() + self.refresh
-            if not await self._round(full):
+            renew = trio.current_time() >= next_renew
+            if renew:
+                next_renew = trio.current_time() + self.refresh
+            if not await self._round(renew):
                 self._rewrite = True
+                next_renew = trio.current_time()  # the node's key too, once Redis answers
                 await trio.sleep(min(1.0, self.refresh))
 
-    async def _round(self, full: bool) -> bool:
+    async def _round(self, renew: bool) -> bool:
         dirty, self._dirty = self._dirty, set()
         events, self._events = self._events, []
         sweeps, self._sweeps = self._sweeps, []
-        self._rewrite = False
+        full, self._rewrite = self._rewrite, False
         if self._dropped:
             log.warning("presence: dropped %d join/leave events (over %d waiting for redis)",
                         self._dropped, MAX_EVENTS)
             self._dropped = 0
-        commands = plan_round(self._local, () if full else dirty, events, full=full,
-                              node=self.node, now=int(time.time() * 1000), ttl=self.ttl)
-        if full:  # members that left still need deleting
-            commands[:0] = [("hdel", members_key(t), [c]) for t, c in dirty
-                            if c not in self._local.get(t, ())]
         try:
+            if renew:
+                was = await self._client.set(node_key(self.node), b"1", px=math.ceil(self.ttl * 1000),
+                                             get=True)
+                if was is None:  # first round, or Redis lost it, or others swept our members
+                    full = True
+            commands = plan_round(self._local, () if full else dirty, events, full=full,
+                                  renew=renew, node=self.node, ttl=self.ttl)
+            if full:  # members that left still need deleting
+                commands[:0] = [("hdel", members_key(t), [c]) for t, c in dirty
+                                if c not in self._local.get(t, ())]
             for start in range(0, len(commands), MAX_PIPELINE):
                 await self._send(commands[start:start + MAX_PIPELINE])
-            for topic, expired in sweeps:
-                await self._sweep(topic, expired)
+            for topic, dead in sweeps:
+                await self._sweep(topic, dead)
         except REDIS_ERRORS as exc:
             if not self._failing:  # once per outage: the broker logs its retries
                 log.warning("presence: redis unavailable (%s); rewriting every member on recovery", exc)
@@ -330,10 +359,10 @@ class RedisPresence:
                 else:
                     pipe.publish(key, arg)
 
-    async def _sweep(self, topic: str, expired: list[tuple[bytes, bytes]]) -> None:
-        """Delete *topic*'s expired entries still unchanged; send a leave event
-        for each one this node deleted, when the topic has presence events."""
-        args = [part for pair in expired for part in pair]
+    async def _sweep(self, topic: str, dead: list[tuple[bytes, bytes]]) -> None:
+        """Delete *topic*'s entries of dead nodes still unchanged; send a leave
+        event for each one this node deleted, when the topic has presence events."""
+        args = [part for pair in dead for part in pair]
         gone: list[Any] = await self._sweep_script(keys=[members_key(topic)], args=args)
         if not gone or not self.config.presence_events_for(topic):
             return
