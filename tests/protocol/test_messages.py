@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from typing import Any
 
 import orjson
@@ -13,8 +14,10 @@ from trioserve.protocol.messages import (
     Command,
     ProtocolError,
     encode_error,
+    encode_presence_event,
     encode_publication,
     encode_reply,
+    kept_json,
     parse_command,
     validate_topic,
 )
@@ -436,3 +439,13 @@ command_objects = st.dictionaries(
 def test_parse_command_shaped_json_only_raises_protocol_error(obj: dict[str, Any]) -> None:
     check_total(json.dumps(obj))
     check_total(json.dumps(obj).encode())
+
+
+def test_kept_json_is_the_same_bytes_in_an_exact_size_object() -> None:
+    obj = {"op": "join", "topic": "room", "client": {"client": "alice", "conn": "c1@aa"}}
+    kept = kept_json(obj)
+    assert kept == orjson.dumps(obj)
+    # What is kept (in history, a presence round, an inbox) holds its own length,
+    # not orjson's ~4 KB buffer: sys.getsizeof counts the object's allocation.
+    for value in (kept, encode_publication("t", 1, obj), encode_presence_event("join", "t", obj)):
+        assert sys.getsizeof(value) < len(value) + 64
