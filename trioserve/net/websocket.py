@@ -24,6 +24,7 @@ __all__ = ["WEBSOCKET", "WEBSOCKET_DEFLATE", "DeflateWebSocketConnection", "WebS
 log = logging.getLogger("trioserve.connection")
 
 _PING_FRAME = b"\x89\x00"
+_EXTENSION_ERROR = "error in extension"
 
 WEBSOCKET = Framing("websocket", websocket.frame_batch)
 #: Connections that negotiated permessage-deflate: the hub compresses each batch
@@ -140,7 +141,10 @@ class WebSocketConnection(Connection):
         else:
             # wsproto reports a malformed frame as a close event while still OPEN.
             log.debug("protocol error from %s: %s %s", self.remote, event.code, event.reason)
-            self._start_close(event.code, event.reason, failed=True)
+            # wsproto names every extension failure "error in extension": the
+            # code's own reason ("message too big", "invalid data") says more.
+            reason = None if event.reason == _EXTENSION_ERROR else event.reason
+            self._start_close(event.code, reason, failed=True)
 
 
 class DeflateWebSocketConnection(WebSocketConnection):
