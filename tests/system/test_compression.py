@@ -31,7 +31,8 @@ OFFER = ("Sec-WebSocket-Extensions", "permessage-deflate; client_max_window_bits
 def big(i: int) -> dict[str, Any]:
     """About 1 KB of JSON: a leaderboard, as a game or a dashboard would push."""
     return {"type": "leaderboard", "seq": i, "entries": [
-        {"rank": k + 1, "player": f"player_{(i * 37 + k * 1009) % 9999:04d}", "team": ["red", "blue", "gold"][k % 3],
+        {"rank": k + 1, "player": f"player_{(i * 37 + k * 1009) % 9999:04d}",
+         "team": ["red", "blue", "gold"][k % 3],
          "score": (i * 131 + k * 977) % 99999, "kills": (i + k) % 40, "status": "alive"} for k in range(9)]}
 
 
@@ -53,7 +54,8 @@ def _websockets_burst(url: str, n: int) -> dict[str, Any]:
     return out
 
 
-async def test_websockets_library_negotiates_reads_a_burst_and_publishes_compressed(start_server: Any) -> None:
+async def test_websockets_library_negotiates_reads_a_burst_and_publishes_compressed(
+        start_server: Any) -> None:
     rs = await start_server(client_publish=True)
     n = 60
     with trio.fail_after(30):
@@ -88,7 +90,8 @@ async def test_a_zip_bomb_from_a_compressing_client_closes_1009(start_server: An
 def _plain_flow(url: str) -> tuple[str | None, Any]:
     with connect(url, open_timeout=CLIENT_TIMEOUT) as ws:
         ws.send(dumps({"op": "ping", "id": 1}))
-        return ws.response.headers.get("Sec-WebSocket-Extensions"), json.loads(ws.recv(timeout=CLIENT_TIMEOUT))
+        reply = json.loads(ws.recv(timeout=CLIENT_TIMEOUT))
+        return ws.response.headers.get("Sec-WebSocket-Extensions"), reply
 
 
 async def test_compression_off_negotiates_nothing(start_server: Any) -> None:
