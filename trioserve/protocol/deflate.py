@@ -67,6 +67,8 @@ _BITS = re.compile(r"(?:[89]|1[0-5])\Z")
 
 def _split(value: str, sep: str) -> list[str]:
     """Split *value* at *sep* outside quoted strings."""
+    if '"' not in value:
+        return value.split(sep)  # the usual header: no quoted strings
     parts: list[str] = []
     start = 0
     quoted = escaped = False
