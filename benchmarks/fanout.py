@@ -43,9 +43,9 @@ from benchmarks.serverproc import (  # noqa: E402
     report_exc,
     wait_ready,
 )
+from trioserve.bench.payloads import PAYLOADS  # noqa: E402
 from trioserve.bench.pool import connect_totals, resolve_loop  # noqa: E402
 from trioserve.bench.wsclient import (  # noqa: E402
-    PAYLOADS,
     Deliveries,
     WsClient,
     open_ws,

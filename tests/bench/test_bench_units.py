@@ -290,7 +290,8 @@ def test_the_load_client_inflates_permessage_deflate_split_across_reads() -> Non
     import base64
     import hashlib
 
-    from trioserve.bench.wsclient import GUID, RECV_VIEW, Deliveries, WsClient, json_document
+    from trioserve.bench.payloads import json_document
+    from trioserve.bench.wsclient import GUID, RECV_VIEW, Deliveries, WsClient
     from trioserve.protocol import deflate
 
     async def main() -> tuple[int, int, int, float, bool]:
@@ -318,7 +319,7 @@ def test_the_load_client_inflates_permessage_deflate_split_across_reads() -> Non
 
 
 def test_json_payload_is_about_the_size_asked_and_varied() -> None:
-    from trioserve.bench.wsclient import publication_data
+    from trioserve.bench.payloads import publication_data
 
     docs = [orjson.dumps(publication_data(1000, "json")) for _ in range(5)]
     assert all(1000 <= len(doc) < 1200 for doc in docs)

@@ -15,8 +15,9 @@ import functools
 import time
 from typing import Any
 
+from .payloads import publication_data
 from .pool import describe
-from .wsclient import PushClient, open_client, publication_data
+from .wsclient import PushClient, open_client
 
 TICK = 0.005
 MAX_IN_FLIGHT = 100_000

@@ -26,7 +26,6 @@ import asyncio
 import base64
 import hashlib
 import os
-import random
 import socket
 import time
 import zlib
@@ -35,6 +34,8 @@ from collections.abc import Callable
 from typing import Any, cast
 
 import orjson
+
+from .payloads import publication_data
 
 GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 # RFC 6455 wants an unpredictable mask per frame to protect proxies; on
@@ -560,41 +561,6 @@ async def subscribe(client: PushClient, topic: str, timeout: float) -> None:
     reply = await client.request({"op": "subscribe", "topic": topic}, timeout)
     if reply.get("ok") is not True:
         raise ProtocolError(f"subscribe refused: {reply!r}")
-
-
-#: Publication payloads: ``pad`` is a run of "x" (cheap, but compresses
-#: unrealistically well); ``json`` is a realistic JSON document (see
-#: :func:`json_document`), for measuring compression.
-PAYLOADS = ("pad", "json")
-_rng = random.Random(7)
-_TEAMS = ("red", "blue", "green", "gold")
-_STATUS = ("alive", "alive", "alive", "respawning", "spectating")
-
-
-def json_document(size: int, t: float) -> dict[str, Any]:
-    """A game leaderboard update of about ``size`` bytes of JSON: rows of the same
-    keys with varied names and numbers, as dashboards and games push them."""
-    doc: dict[str, Any] = {"t": t, "type": "leaderboard", "match": f"m-{_rng.randrange(10000):04d}",
-                           "updated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "entries": []}
-    entries = doc["entries"]
-    n = len(orjson.dumps(doc))
-    while n < size:
-        entry = {"rank": len(entries) + 1, "player": f"player_{_rng.randrange(10000):04d}",
-                 "team": _rng.choice(_TEAMS), "score": _rng.randrange(100000),
-                 "kills": _rng.randrange(41), "deaths": _rng.randrange(41), "status": _rng.choice(_STATUS)}
-        entries.append(entry)
-        n += len(orjson.dumps(entry)) + 1
-    return doc
-
-
-def publication_data(size: int, payload: str = "pad") -> dict[str, Any]:
-    """``{"t": <monotonic now>, ...}`` of about ``size`` bytes of JSON: padded with
-    "x" (``pad``), or a realistic document (``json``)."""
-    t = time.monotonic()
-    if payload == "json":
-        return json_document(size, t)
-    bare = len(orjson.dumps({"t": t, "pad": ""}))
-    return {"t": t, "pad": "x" * max(0, size - bare)}
 
 
 def publish_burst(

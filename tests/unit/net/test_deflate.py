@@ -84,7 +84,7 @@ async def test_an_idle_compressed_connection_holds_no_zlib_state() -> None:
             plain, keep1 = _allocated(WebSocketConnection, nursery, n)
             packed, keep2 = _allocated(DeflateWebSocketConnection, nursery, n)
             # After inflating a message (32 KB window, ~7 KB state while it lasts).
-            after_use, keep3 = _allocated(DeflateWebSocketConnection, nursery, n, compressed)
+            _, keep3 = _allocated(DeflateWebSocketConnection, nursery, n, compressed)
             for conn in keep3:
                 assert conn.receive_nowait() == "x" * 5000
             gc.collect()
