@@ -287,6 +287,8 @@ def notes(summaries: list[dict[str, Any]]) -> list[str]:
 DEFLATE_WIRE_TARGET = 0.4
 DEFLATE_CPU_TARGET = 1.3
 DEFLATE_RSS_TARGET_KB = 9.0
+#: Messages smaller than this (frame included) are not what the wire target is about.
+DEFLATE_TARGET_MIN_BYTES = 512
 
 
 def deflate_notes(summaries: list[dict[str, Any]]) -> list[str]:
@@ -297,7 +299,12 @@ def deflate_notes(summaries: list[dict[str, Any]]) -> list[str]:
         return []
     out = []
     wire = packed.get("wire_ratio")
-    if wire is not None:
+    per = packed.get("wire_bytes_per_delivery")
+    if wire is not None and per is not None and per / wire < DEFLATE_TARGET_MIN_BYTES:
+        out.append(f"trioserve-deflate: publications of {per / wire:.0f} B on the wire uncompressed are "
+                   "under the compression threshold and go uncompressed; the wire target is for "
+                   "~1 KB JSON (--size 1000 --payload json)")
+    elif wire is not None:
         out.append(f"trioserve-deflate: wire bytes {wire:.3f}x of uncompressed (target <= "
                    f"{DEFLATE_WIRE_TARGET}x): {'met' if wire <= DEFLATE_WIRE_TARGET else 'MISSED'}")
     rss = packed.get("rss_per_conn_kb")
