@@ -186,3 +186,17 @@ async def test_node_ws_negotiates_reads_a_burst_and_publishes_compressed(
     assert all(len(d["entries"]) == 12 for d in out["received"][::2])
 
 
+
+
+@pytest.mark.parametrize("offer", [
+    "permessage-deflate; bogus_param",
+    "permessage-deflate; server_max_window_bits=10",
+    'permessage-deflate; client_max_window_bits="',
+])
+async def test_an_unacceptable_offer_is_declined_and_the_handshake_succeeds(
+        start_server: Any, offer: str) -> None:
+    rs = await start_server()
+    ws = await RawWebSocket.connect(rs.port, headers=[("Sec-WebSocket-Extensions", offer)])
+    await ws.send_json({"op": "ping", "id": 1})
+    assert (await ws.recv_json())["id"] == 1  # recv_frame asserts that RSV bits stay 0
+    assert [type(c) for c in rs.server.connections] == [WebSocketConnection]
