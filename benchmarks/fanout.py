@@ -43,6 +43,7 @@ from benchmarks.serverproc import (  # noqa: E402
     report_exc,
     wait_ready,
 )
+from trioserve.bench.payloads import PAYLOADS  # noqa: E402
 from trioserve.bench.pool import connect_totals, resolve_loop  # noqa: E402
 from trioserve.bench.wsclient import (  # noqa: E402
     Deliveries,
@@ -55,19 +56,20 @@ from trioserve.bench.wsclient import (  # noqa: E402
 WARMUP_TOPIC = "warmup"  # separate topic, so `bench` offsets start at 1
 
 
-async def warm_up(port: int, size: int, subscribers: int = 50, publications: int = 10) -> None:
+async def warm_up(port: int, size: int, subscribers: int = 50, publications: int = 10,
+                  deflate: bool = False, payload: str = "pad") -> None:
     """Exercise connect, subscribe and fan-out once so the RSS baseline is warm."""
     d = Deliveries()
     clients: list[WsClient] = []
     try:
         for _ in range(subscribers):
-            client = await open_ws(HOST, port, HOST, d, 10)
+            client = await open_ws(HOST, port, HOST, d, 10, deflate=deflate)
             clients.append(client)
             await subscribe(client, WARMUP_TOPIC, 10)
         d.arm(publications, subscribers)
         pub = await open_ws(HOST, port, HOST, None, 10)
         clients.append(pub)
-        _, acks = publish_burst(pub, WARMUP_TOPIC, publications, size)
+        _, acks = publish_burst(pub, WARMUP_TOPIC, publications, size, payload)
         async with asyncio.timeout(60):
             await asyncio.gather(*acks)
             await d.done.wait()
@@ -87,9 +89,11 @@ def split(items: list[str], parts: int) -> list[list[str]]:
     return [items[i::parts] for i in range(parts)]
 
 
-async def connect_phase(workers: Workers, port: int, args: argparse.Namespace) -> dict[str, Any]:
+async def connect_phase(workers: Workers, port: int, args: argparse.Namespace,
+                        deflate: bool = False) -> dict[str, Any]:
     shares = split(source_ips(args.subscribers, args.conns_per_ip), len(workers))
     cmds = [{"op": "connect", "host": HOST, "port": port, "src_ips": share, "topic": TOPIC,
+             "deflate": deflate,
              "concurrency": args.connect_concurrency, "timeout": args.connect_timeout,
              "phase_timeout": args.phase_timeout} for share in shares]
     replies = await workers.ask(cmds, args.phase_timeout + 30)
@@ -117,7 +121,7 @@ async def fanout_batches(server: ServerProcess) -> int | None:
 async def run_burst(workers: Workers, server: ServerProcess, publisher: WsClient,
                     args: argparse.Namespace) -> dict[str, Any]:
     def start() -> Coroutine[Any, Any, Sent]:
-        t_first, acks = publish_burst(publisher, TOPIC, args.publications, args.size)
+        t_first, acks = publish_burst(publisher, TOPIC, args.publications, args.size, args.payload)
         return collect_acks(t_first, acks)
 
     async def collect_acks(t_first: float, acks: list[asyncio.Future[dict[str, Any]]]) -> Sent:
@@ -145,6 +149,9 @@ def burst_line(n: int, b: dict[str, Any]) -> str:
         f", redis-server {report.fmt(b['broker_cpu_us_per_delivery'], '.3f')} us/delivery (together "
         f"{report.fmt(b['server_broker_cpu_us_per_delivery'], '.2f')})")
     batches = "" if b["fanout_batches"] is None else f", {b['fanout_batches']} fan-out batches"
+    if b.get("wire_ratio") is not None:
+        batches += (f", {report.fmt(b['wire_bytes_per_delivery'], '.0f')} B read/delivery "
+                    f"({b['wire_ratio']:.3f}x uncompressed)")
     return (f"    burst {n}: {b['received']:,}/{b['expected']:,} delivered "
             f"({report.fmt(b['deliveries_per_s'])}/s), server CPU "
             f"{report.fmt(b['server_cpu_us_per_delivery'], '.2f')} us/delivery "
@@ -178,7 +185,7 @@ async def bench_server(spec: ServerSpec, args: argparse.Namespace, log_dir: Path
         await wait_ready(server)
         await workers.ask([{"op": "ping"}] * len(workers), 60)  # imports done, loops running
         phase = "warm-up"
-        await warm_up(port, args.size)
+        await warm_up(port, args.size, deflate=spec.deflate, payload=args.payload)
         publisher = await open_ws(HOST, port, HOST, None, args.connect_timeout)
         await asyncio.sleep(args.settle)
         result["rss_before"] = server.rss()
@@ -186,7 +193,7 @@ async def bench_server(spec: ServerSpec, args: argparse.Namespace, log_dir: Path
         # Server CPU per handshake, like CPU per delivery: the load client shares
         # the cores, so the connect rate alone may be the client's ceiling.
         cpu0 = server.cpu()
-        connect = result["connect"] = await connect_phase(workers, port, args)
+        connect = result["connect"] = await connect_phase(workers, port, args, spec.deflate)
         cpu1 = server.cpu()
         connect["server_cpu_s"] = cpu1[0] - cpu0[0]
         connect["server_cpu_us_per_handshake"] = (
@@ -254,6 +261,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--subscribers", type=int, default=5000)
     p.add_argument("--publications", type=int, default=100, help="burst: publications per burst")
     p.add_argument("--size", type=int, default=64, help="bytes of JSON data per publication")
+    p.add_argument("--payload", choices=PAYLOADS, default="pad",
+                   help='publication data: "pad" (a run of "x") or "json" (a realistic '
+                        "leaderboard document; use it to measure compression)")
     p.add_argument("--bursts", type=int, default=3, help="burst: bursts per server; medians reported")
     p.add_argument("--rate", type=float, default=5.0, help="rate: publications per second")
     p.add_argument("--duration", type=float, default=10.0, help="rate: seconds of publishing")

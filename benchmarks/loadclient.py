@@ -47,7 +47,7 @@ class FanoutWorker:
             async with sem:
                 try:
                     client = await open_ws(cmd["host"], cmd["port"], src_ip, self.deliveries,
-                                           cmd["timeout"])
+                                           cmd["timeout"], deflate=cmd.get("deflate", False))
                 except Exception as exc:
                     errors[describe(exc)] += 1
                     return
@@ -55,6 +55,10 @@ class FanoutWorker:
                     await subscribe(client, cmd["topic"], cmd["timeout"])
                 except Exception as exc:
                     errors[describe(exc)] += 1
+                    client.close()
+                    return
+                if cmd.get("deflate") and not client.deflate:
+                    errors["permessage-deflate not negotiated"] += 1
                     client.close()
                     return
                 self.clients.append(client)
@@ -136,6 +140,8 @@ class FanoutWorker:
             "close_reasons": dict(reasons.most_common(3)),
             "last_offset_min": min(offsets),
             "last_offset_max": max(offsets),
+            "wire_bytes": self.deliveries.wire,
+            "plain_bytes": self.deliveries.plain,
         }
 
     async def op_close(self, cmd: dict[str, Any] | None = None) -> dict[str, Any]:

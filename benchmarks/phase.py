@@ -116,6 +116,11 @@ async def delivery_phase(workers: Workers, server: ServerProcess, publications: 
         "close_reasons": [d["close_reasons"] for d in details if d["close_reasons"]],
         "subscriber_last_offset": [min(d["last_offset_min"] for d in details),
                                    max(d["last_offset_max"] for d in details)],
+        # Bytes the subscribers read per delivery, and against what the same
+        # messages take uncompressed (1.0 without permessage-deflate).
+        "wire_bytes_per_delivery": sum(d["wire_bytes"] for d in details) / received if received else None,
+        "wire_ratio": (sum(d["wire_bytes"] for d in details) / plain
+                       if (plain := sum(d["plain_bytes"] for d in details)) else None),
     }
     return PhaseResult(counts, accounting, sent, max(w["last_recv"] for w in waits))
 

@@ -78,6 +78,8 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
         "lost": sum(b["lost"] for b in bursts),
         "gaps": sum(b["gaps"] for b in bursts),
         "dups": sum(b["dups"] for b in bursts),
+        "wire_bytes_per_delivery": median_of(bursts, lambda b: b.get("wire_bytes_per_delivery")),
+        "wire_ratio": median_of(bursts, lambda b: b.get("wire_ratio")),
     }
 
 
@@ -180,6 +182,8 @@ ROWS: list[Row] = [
      lambda s: fmt(s["server_broker_cpu_us_per_delivery"], ".2f")),
     ("fan-out batches per burst (median)", lambda s: fmt(s["fanout_batches"], ".1f")),
     ("client CPU us/delivery (median)", lambda s: fmt(s["client_cpu_us_per_delivery"], ".2f")),
+    ("bytes read per delivery (median)", lambda s: fmt(s.get("wire_bytes_per_delivery"), ".0f")),
+    ("wire / uncompressed bytes (median)", lambda s: fmt(s.get("wire_ratio"), ".3f")),
     ("latency p50 ms (median)", lambda s: fmt(s["p50_ms"], ".1f")),
     ("latency p99 ms (median)", lambda s: fmt(s["p99_ms"], ".1f")),
     ("latency max ms (median)", lambda s: fmt(s["max_ms"], ".1f")),
@@ -275,7 +279,44 @@ def rate_table_rows(summaries: list[dict[str, Any]],
 
 def notes(summaries: list[dict[str, Any]]) -> list[str]:
     return [f"{s['server']}: {s['status']}" for s in summaries if s["status"] != "ok"] + \
-        workers_notes(summaries)
+        workers_notes(summaries) + deflate_notes(summaries)
+
+
+#: permessage-deflate's targets (issue 13): wire bytes of ~1 KB JSON publications,
+#: server CPU per delivery against uncompressed trioserve, RSS per idle connection.
+DEFLATE_WIRE_TARGET = 0.4
+DEFLATE_CPU_TARGET = 1.3
+DEFLATE_RSS_TARGET_KB = 9.0
+#: Messages smaller than this (frame included) are not what the wire target is about.
+DEFLATE_TARGET_MIN_BYTES = 512
+
+
+def deflate_notes(summaries: list[dict[str, Any]]) -> list[str]:
+    """``trioserve-deflate`` against ``trioserve`` in the same run."""
+    by_name = {s["server"]: s for s in summaries}
+    plain, packed = by_name.get("trioserve"), by_name.get("trioserve-deflate")
+    if packed is None:
+        return []
+    out = []
+    wire = packed.get("wire_ratio")
+    per = packed.get("wire_bytes_per_delivery")
+    if wire is not None and per is not None and per / wire < DEFLATE_TARGET_MIN_BYTES:
+        out.append(f"trioserve-deflate: publications of {per / wire:.0f} B on the wire uncompressed are "
+                   "under the compression threshold and go uncompressed; the wire target is for "
+                   "~1 KB JSON (--size 1000 --payload json)")
+    elif wire is not None:
+        out.append(f"trioserve-deflate: wire bytes {wire:.3f}x of uncompressed (target <= "
+                   f"{DEFLATE_WIRE_TARGET}x): {'met' if wire <= DEFLATE_WIRE_TARGET else 'MISSED'}")
+    rss = packed.get("rss_per_conn_kb")
+    if rss is not None:
+        out.append(f"trioserve-deflate: RSS per idle connection {rss:.1f} KB (target <= "
+                   f"{DEFLATE_RSS_TARGET_KB} KB): {'met' if rss <= DEFLATE_RSS_TARGET_KB else 'MISSED'}")
+    if plain is not None:
+        cpu = ratio(packed["server_cpu_us_per_delivery"], plain["server_cpu_us_per_delivery"])
+        if cpu is not None:
+            out.append(f"trioserve-deflate vs trioserve: server CPU per delivery {cpu:.2f}x (target <= "
+                       f"{DEFLATE_CPU_TARGET}x): {'met' if cpu <= DEFLATE_CPU_TARGET else 'MISSED'}")
+    return out
 
 
 #: The embedded broker's target: all its processes together per delivery, against one process.

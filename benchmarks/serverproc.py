@@ -43,6 +43,8 @@ class ServerSpec:
     # once every worker is, so no share of the subscribers lands on one alone.
     ready_path: str = "/healthz"
     redis: bool = False  # start a redis-server for it first (its broker)
+    #: The load clients offer permessage-deflate (and inflate what comes compressed).
+    deflate: bool = False
 
 
 TRIOSERVE_ARGV = (PY, "-m", "trioserve", "serve", "--host", HOST, "--port", "{port}",
@@ -73,6 +75,23 @@ SERVERS = {
         healthz=True,
         probe=(PY, "-c", "import trioserve.push.brokers.redis"),
         redis=True,
+    ),
+    # The same server, its subscribers negotiating permessage-deflate: each
+    # publication is compressed once and shared by all of them.
+    "trioserve-deflate": ServerSpec(
+        "trioserve-deflate",
+        TRIOSERVE_ARGV,
+        healthz=True,
+        probe=(PY, "-m", "trioserve", "serve", "--help"),
+        deflate=True,
+    ),
+    # The websockets library compresses per connection (a zlib context each).
+    "websockets-deflate": ServerSpec(
+        "websockets-deflate",
+        (PY, str(REPO / "benchmarks/servers/ws_asyncio.py"), "--host", HOST, "--port", "{port}",
+         "--deflate"),
+        healthz=True,
+        deflate=True,
     ),
     "websockets": ServerSpec(
         "websockets",

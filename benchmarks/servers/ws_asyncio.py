@@ -73,13 +73,15 @@ async def handler(conn: ServerConnection) -> None:
             topics.get(topic, set()).discard(conn)
 
 
-async def main(host: str, port: int) -> None:
+async def main(host: str, port: int, deflate: bool = False) -> None:
     stop = asyncio.get_running_loop().create_future()
     for sig in (signal.SIGTERM, signal.SIGINT):
         asyncio.get_running_loop().add_signal_handler(sig, stop.set_result, None)
     # backlog: asyncio's default of 100 would turn a burst of concurrent
     # connects into SYN retransmits, which measures the kernel, not the server.
-    async with serve(handler, host, port, compression=None, process_request=process_request,
+    # --deflate: the library's permessage-deflate, a compressor per connection.
+    async with serve(handler, host, port, compression="deflate" if deflate else None,
+                     process_request=process_request,
                      backlog=4096):
         await stop
 
@@ -88,5 +90,6 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8765)
+    parser.add_argument("--deflate", action="store_true", help="accept permessage-deflate")
     args = parser.parse_args()
-    asyncio.run(main(args.host, args.port))
+    asyncio.run(main(args.host, args.port, args.deflate))

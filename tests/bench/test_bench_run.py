@@ -45,6 +45,35 @@ async def test_fanout_delivers_every_publication_to_every_subscriber(start_serve
     assert "PASS" in res.stdout and "Per topic" in res.stdout
 
 
+async def test_fanout_with_permessage_deflate_and_json_payloads(start_server, tmp_path: Path) -> None:
+    from trioserve.net.websocket import DeflateWebSocketConnection
+
+    from ..system.helpers import wait_until
+
+    running = await start_server(client_publish=True)
+    compressed = trio.Event()
+
+    async def watch() -> None:
+        # The subscribers hold their connections for the whole --duration.
+        await wait_until(lambda: sum(isinstance(c, DeflateWebSocketConnection)
+                                     for c in running.server.connections) >= 10,
+                         what="10 compressed subscribers")
+        compressed.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(watch)
+        res = await run_bench(tmp_path, "fanout", "--url", running.ws_url, "-n", "10", "--rate", "40",
+                              "--duration", "1", "--deflate", "--payload", "json", "--size", "1000",
+                              *fast())
+    assert compressed.is_set()
+    assert res.returncode == 0, res.stdout + res.stderr
+    r = res.report
+    assert r is not None
+    m = r["messages"]
+    assert (m["published"], m["expected"], m["received"], m["lost"]) == (40, 400, 400, 0)
+    assert (m["gaps"], m["dups"]) == (0, 0)
+
+
 async def test_fanout_over_topics_and_processes_with_source_addresses(start_server, tmp_path: Path) -> None:
     peers: list[str] = []
 

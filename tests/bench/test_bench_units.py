@@ -282,3 +282,50 @@ def test_command_pipe_survives_uvloop_with_large_messages() -> None:
     replier.join(30)
     assert received == [big]
     assert reply == [big]
+
+
+def test_the_load_client_inflates_permessage_deflate_split_across_reads() -> None:
+    """A batch framed by the server's shared compressed framing (large messages
+    compressed, small ones not), arriving in arbitrary chunks."""
+    import base64
+    import hashlib
+
+    from trioserve.bench.payloads import json_document
+    from trioserve.bench.wsclient import GUID, RECV_VIEW, Deliveries, WsClient
+    from trioserve.protocol import deflate
+
+    async def main() -> tuple[int, int, int, float, bool]:
+        d = Deliveries()
+        client = WsClient("127.0.0.1", 1, "/ws", d, deflate=True)
+        accept = base64.b64encode(hashlib.sha1(client.key + GUID).digest())
+        now = time.monotonic()
+        pubs = [orjson.dumps({"op": "pub", "topic": "t", "offset": i + 1,
+                              "data": json_document(1000, now) if i % 2 else {"t": now}})
+                for i in range(10)]
+        data = (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                b"Sec-WebSocket-Accept: " + accept + b"\r\nSec-WebSocket-Extensions: "
+                + deflate.negotiate([(b"sec-websocket-extensions", b"permessage-deflate")]) + b"\r\n\r\n"
+                + deflate.frame_batch(pubs))
+        d.arm(10, 1)
+        for start in range(0, len(data), 333):
+            chunk = data[start:start + 333]
+            RECV_VIEW[: len(chunk)] = chunk
+            client.buffer_updated(len(chunk))
+        return d.received, client.gaps, client.unexpected, d.wire / d.plain, client.deflate
+
+    received, gaps, unexpected, ratio, negotiated = asyncio.run(main())
+    assert (received, gaps, unexpected, negotiated) == (10, 0, 0, True)
+    assert ratio < 0.6  # half the messages are ~1 KB of JSON, compressed
+
+
+def test_json_payload_is_about_the_size_asked_and_varied() -> None:
+    from trioserve.bench.payloads import publication_data
+
+    docs = [orjson.dumps(publication_data(1000, "json")) for _ in range(5)]
+    assert all(1000 <= len(doc) < 1200 for doc in docs)
+    assert len(set(docs)) == 5
+
+
+def test_deflate_needs_a_websocket_url() -> None:
+    with pytest.raises(UsageError, match="--deflate"):
+        validate(Options("fanout", url="tcp://127.0.0.1:9000", deflate=True))

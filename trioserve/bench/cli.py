@@ -86,6 +86,11 @@ _positive = click.FloatRange(min=0, min_open=True)
 @click.option("--rate", type=click.FloatRange(min=0), default=100.0,
               help="Publications/s (fanout, storm) or ping round trips/s (echo), in total.")
 @click.option("--size", type=click.IntRange(0), default=64, help="Bytes of JSON data per publication.")
+@click.option("--payload", type=click.Choice(["pad", "json"]), default="pad",
+              help='Publication data: "pad" (a run of "x") or "json" (a realistic JSON document, '
+                   "about --size bytes; use it with --deflate).")
+@click.option("--deflate", is_flag=True,
+              help="Subscribers offer permessage-deflate and inflate what comes compressed.")
 @click.option("--publishers", type=click.IntRange(1), default=1, help="Publishing connections.")
 @click.option("--storm-percent", type=click.FloatRange(0, 100, min_open=True), default=10.0,
               help="storm: share of the subscribers dropped and reconnected per wave.")

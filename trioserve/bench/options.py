@@ -31,6 +31,10 @@ class Options:
     topics: int = 1
     rate: float = 100.0
     size: int = 64
+    #: Subscribers offer permessage-deflate (and inflate what comes compressed).
+    deflate: bool = False
+    #: Publication data: "pad" (a run of "x") or "json" (a realistic document).
+    payload: str = "pad"
     publishers: int = 1
     storm_percent: float = 10.0
     storm_interval: float = 2.0
@@ -75,6 +79,10 @@ def validate(opts: Options) -> None:
     if opts.scenario not in SCENARIOS:
         raise UsageError(f"unknown scenario {opts.scenario!r}; choose from {', '.join(SCENARIOS)}")
     opts.target = parse_target(opts.url)
+    if opts.deflate and opts.target["scheme"] != "ws":
+        raise UsageError("--deflate needs a ws:// URL: TCP connections are never compressed")
+    opts.target["deflate"] = opts.deflate
+    opts.target["payload"] = opts.payload
     if opts.connections < 1:
         raise UsageError("--connections must be at least 1")
     if opts.procs is None:

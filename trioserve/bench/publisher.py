@@ -15,8 +15,9 @@ import functools
 import time
 from typing import Any
 
+from .payloads import publication_data
 from .pool import describe
-from .wsclient import PushClient, open_client, publication_data
+from .wsclient import PushClient, open_client
 
 TICK = 0.005
 MAX_IN_FLIGHT = 100_000
@@ -27,6 +28,7 @@ class Publishers:
         self.clients = clients
         self.topics = topics
         self.size = size
+        self.payload = "pad"
         self.sent = 0
         self.in_flight: set[asyncio.Future[dict[str, Any]]] = set()
         self.acked: collections.Counter[str] = collections.Counter()
@@ -48,7 +50,9 @@ class Publishers:
             for client in clients:
                 client.close()
             raise
-        return cls(clients, topics, size)
+        pubs = cls(clients, topics, size)
+        pubs.payload = target.get("payload", "pad")
+        return pubs
 
     def _done(self, fut: asyncio.Future[dict[str, Any]], topic: str) -> None:
         self.in_flight.discard(fut)
@@ -76,7 +80,7 @@ class Publishers:
             return
         client = self.clients[n % len(self.clients)]
         topic = self.topics[n % len(self.topics)]
-        data = publication_data(self.size)
+        data = publication_data(self.size, self.payload)
         if self.first_send is None:
             self.first_send = data["t"]
         self.last_send = data["t"]

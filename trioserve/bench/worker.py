@@ -83,7 +83,7 @@ class BenchWorker:
     async def _open(self, src_ip: str | None, timeout: float) -> PushClient:
         t = self.target
         return await open_client(t["scheme"], t["host"], t["port"], src_ip, self.deliveries,
-                                 timeout, t["path"])
+                                 timeout, t["path"], t.get("deflate", False))
 
     async def _subscribe(self, sub: Sub, timeout: float, since: dict[str, Any] | None = None) -> None:
         await subscribe(sub, timeout, since)
@@ -96,6 +96,7 @@ class BenchWorker:
     async def op_connect(self, cmd: dict[str, Any]) -> dict[str, Any]:
         """Open ``cmd['plan']`` ([src_ip, topic or None] each) at ``rate``/s, ``concurrency`` in flight."""
         self.target = {k: cmd[k] for k in ("scheme", "host", "port", "path")}
+        self.target["deflate"] = bool(cmd.get("deflate"))
         plan: list[list[Any]] = cmd["plan"]
         rate, timeout = float(cmd["rate"]), float(cmd["timeout"])
         sem = asyncio.Semaphore(cmd["concurrency"])

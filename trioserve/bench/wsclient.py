@@ -10,7 +10,10 @@ Two framings speak the same push protocol (docs/protocol.md):
 
 - :class:`WsClient`: WebSocket text frames (fragmented or not), ping/pong and
   close. Server frames may arrive several per ``recv`` (trioserve batches
-  writes), or split across reads; both are handled.
+  writes), or split across reads; both are handled. With ``deflate=True`` it
+  offers permessage-deflate with no context takeover either way (as trioserve
+  answers every offer) and inflates compressed messages, each with a
+  decompressor of its own: nothing is kept between messages.
 - :class:`TcpClient`: newline-delimited JSON; the server's ``{"op":"ping"}``
   line is answered with ``{"op":"pong"}``.
 
@@ -25,11 +28,14 @@ import hashlib
 import os
 import socket
 import time
+import zlib
 from array import array
 from collections.abc import Callable
 from typing import Any, cast
 
 import orjson
+
+from .payloads import publication_data
 
 GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 # RFC 6455 wants an unpredictable mask per frame to protect proxies; on
@@ -38,6 +44,11 @@ MASK = b"\x37\xfa\x21\x3d"
 IP_BIND_ADDRESS_NO_PORT = 24  # Linux; not exported by the socket module
 MAX_HEADER = 16384
 MAX_LINE = 16 * 1024 * 1024
+
+#: The client's permessage-deflate offer: no context takeover either way, so
+#: each compressed message inflates on its own.
+DEFLATE_OFFER = b"permessage-deflate; server_no_context_takeover; client_no_context_takeover"
+_DEFLATE_TAIL = b"\x00\x00\xff\xff"
 
 OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
 _PONG_LINE = b'{"op":"pong"}\n'
@@ -90,9 +101,11 @@ class Deliveries:
         "last_recv",
         "lat",
         "per_conn",
+        "plain",
         "received",
         "remaining",
         "stamped",
+        "wire",
     )
 
     def __init__(self, stamped: bool = True) -> None:
@@ -107,6 +120,11 @@ class Deliveries:
         self.expected = 0
         self.done = asyncio.Event()
         self.armed = False
+        # Bytes read from the sockets, and what the same data messages would
+        # have taken uncompressed (frame headers included): their ratio is what
+        # permessage-deflate saved on the wire.
+        self.wire = 0
+        self.plain = 0
 
     def arm(self, per_conn: int, open_conns: int) -> None:
         self.lat = array("d")
@@ -114,6 +132,7 @@ class Deliveries:
         self.remaining = self.expected = per_conn * open_conns
         self.received = 0
         self.last_recv = 0.0
+        self.wire = self.plain = 0
         self.done = asyncio.Event()
         self.armed = True
         if self.remaining <= 0:
@@ -289,21 +308,27 @@ class WsClient(PushClient):
 
     transport_name = "websocket"
 
-    def __init__(self, host: str, port: int, path: str, deliveries: Deliveries | None) -> None:
+    def __init__(self, host: str, port: int, path: str, deliveries: Deliveries | None,
+                 deflate: bool = False) -> None:
         super().__init__(deliveries)
         self.host_header = f"{host}:{port}"
         self.path = path
         self.upgraded = False
         self.fragments: list[bytes] | None = None
+        self.fragments_compressed = False
         self.key = base64.b64encode(os.urandom(16))
+        self.offer_deflate = deflate
+        #: The server accepted permessage-deflate.
+        self.deflate = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports do not subclass asyncio.Transport, so no isinstance check.
         self.transport = cast(asyncio.Transport, transport)
         self.transport.write(
             b"GET %s HTTP/1.1\r\nHost: %s\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-            b"Sec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\n\r\n"
-            % (self.path.encode(), self.host_header.encode(), self.key)
+            b"Sec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\n%s\r\n"
+            % (self.path.encode(), self.host_header.encode(), self.key,
+               b"Sec-WebSocket-Extensions: %s\r\n" % DEFLATE_OFFER if self.offer_deflate else b"")
         )
 
     def buffer_updated(self, nbytes: int) -> None:
@@ -313,6 +338,9 @@ class WsClient(PushClient):
             if not data:
                 return
         now = time.monotonic()  # one clock read per read(), shared by its frames
+        d = self.deliveries
+        if d is not None:
+            d.wire += len(data)
         if self.buf:
             data = self.buf + bytes(data)
             self.buf = b""
@@ -335,9 +363,19 @@ class WsClient(PushClient):
             if stop > end:
                 break
             payload = data[pos + hdr : stop]
-            pos = stop
+            pos_start, pos = pos, stop
             if b0 == 0x81:  # the hot path: a whole text frame
+                if d is not None:
+                    d.plain += stop - pos_start
                 self._on_text(payload, now)
+            elif b0 == 0xC1 and self.deflate:  # a whole compressed text frame
+                text = self._inflate(payload)
+                if text is None:
+                    return
+                if d is not None:
+                    n = len(text)
+                    d.plain += n + (2 if n < 126 else 4 if n < 65536 else 10)
+                self._on_text(text, now)
             else:
                 self._on_other_frame(b0, bytes(payload), now)
         if pos < end:
@@ -368,12 +406,28 @@ class WsClient(PushClient):
         if headers.get(b"sec-websocket-accept") != expected:
             self._fail("bad Sec-WebSocket-Accept")
             return b""
+        extensions = headers.get(b"sec-websocket-extensions")
+        if extensions is not None:
+            if not self.offer_deflate or not extensions.startswith(b"permessage-deflate"):
+                self._fail(f"unexpected extension {extensions!r}")
+                return b""
+            self.deflate = True
         self.upgraded = True
         self.handshake.set_result(None)
         return rest
 
+    def _inflate(self, payload: bytes | memoryview) -> bytes | None:
+        try:
+            return zlib.decompressobj(-15).decompress(bytes(payload) + _DEFLATE_TAIL)
+        except zlib.error as exc:
+            self._fail(f"bad compressed message: {exc}")
+            return None
+
     def _on_other_frame(self, b0: int, payload: bytes, now: float) -> None:
         fin, opcode = b0 & 0x80, b0 & 0x0F
+        if b0 & 0x70 and not (b0 & 0x40 and self.deflate and opcode == OP_TEXT):
+            self._fail(f"unexpected RSV bits in {b0:#x}")
+            return
         if opcode == OP_PING:
             self._write(encode_frame(payload, OP_PONG))
         elif opcode == OP_CLOSE:
@@ -387,11 +441,18 @@ class WsClient(PushClient):
             pass
         elif opcode == OP_TEXT:  # first fragment of a fragmented message
             self.fragments = [payload]
+            self.fragments_compressed = bool(b0 & 0x40)
+            if fin:  # a compressed message in one frame (the hot path handles 0xC1)
+                self._on_other_frame(0x80 | OP_CONT, b"", now)
         elif opcode == OP_CONT and self.fragments is not None:
             self.fragments.append(payload)
             if fin:
-                whole, self.fragments = b"".join(self.fragments), None
-                self._on_text(whole, now)
+                whole: bytes | None = b"".join(self.fragments)
+                self.fragments = None
+                if self.fragments_compressed:
+                    whole = self._inflate(whole)  # type: ignore[arg-type]
+                if whole is not None:
+                    self._on_text(whole, now)
         else:
             self._fail(f"unexpected frame opcode {opcode}")
 
@@ -461,7 +522,7 @@ def bound_socket(src_ip: str | None) -> socket.socket:
 
 async def open_client(
     scheme: str, host: str, port: int, src_ip: str | None, deliveries: Deliveries | None,
-    timeout: float, path: str = "/ws",
+    timeout: float, path: str = "/ws", deflate: bool = False,
 ) -> PushClient:
     """Connect from ``src_ip`` and, for WebSocket, complete the upgrade within ``timeout``."""
     loop = asyncio.get_running_loop()
@@ -474,7 +535,7 @@ async def open_client(
                 _, proto = await loop.create_connection(lambda: TcpClient(deliveries), sock=sock)
             else:
                 _, proto = await loop.create_connection(
-                    lambda: WsClient(host, port, path, deliveries), sock=sock)
+                    lambda: WsClient(host, port, path, deliveries, deflate), sock=sock)
             await proto.handshake
         return proto
     except BaseException:
@@ -487,10 +548,11 @@ async def open_client(
 
 async def open_ws(
     host: str, port: int, src_ip: str | None, deliveries: Deliveries | None,
-    timeout: float, path: str = "/ws",
+    timeout: float, path: str = "/ws", deflate: bool = False,
 ) -> WsClient:
-    """Connect from ``src_ip`` and complete the upgrade within ``timeout``."""
-    client = await open_client("ws", host, port, src_ip, deliveries, timeout, path)
+    """Connect from ``src_ip`` and complete the upgrade within ``timeout``
+    (offering permessage-deflate when *deflate*)."""
+    client = await open_client("ws", host, port, src_ip, deliveries, timeout, path, deflate)
     assert isinstance(client, WsClient)
     return client
 
@@ -501,15 +563,8 @@ async def subscribe(client: PushClient, topic: str, timeout: float) -> None:
         raise ProtocolError(f"subscribe refused: {reply!r}")
 
 
-def publication_data(size: int) -> dict[str, Any]:
-    """``{"t": <monotonic now>, "pad": "xx…"}``, padded to ``size`` bytes of JSON."""
-    t = time.monotonic()
-    bare = len(orjson.dumps({"t": t, "pad": ""}))
-    return {"t": t, "pad": "x" * max(0, size - bare)}
-
-
 def publish_burst(
-    client: PushClient, topic: str, count: int, size: int,
+    client: PushClient, topic: str, count: int, size: int, payload: str = "pad",
 ) -> tuple[float, list[asyncio.Future[dict[str, Any]]]]:
     """Write ``count`` publish frames back to back; don't wait for replies.
 
@@ -520,7 +575,7 @@ def publish_burst(
     futures = []
     first = 0.0
     for i in range(count):
-        data = publication_data(size)
+        data = publication_data(size, payload)
         if i == 0:
             first = data["t"]
         futures.append(client.request_nowait({"op": "publish", "topic": topic, "data": data}))

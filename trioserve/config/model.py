@@ -66,6 +66,9 @@ class Config:
     tcp_port: int | None = attrs.field(default=None, validator=check_port)
     #: Path of the WebSocket endpoint.
     ws_path: str = "/ws"
+    #: Accept permessage-deflate (RFC 7692) from WebSocket clients that offer it;
+    #: publications are then compressed once and shared by every such subscriber.
+    compression: bool = True
     #: Let clients publish with ``{"op": "publish"}`` (the HTTP API always can).
     client_publish: bool = False
     #: When set, ``POST /api/publish`` requires ``Authorization: Bearer <key>``.

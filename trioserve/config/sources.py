@@ -76,6 +76,10 @@ _HELP: tuple[tuple[str, str, str, Any], ...] = (
     ("listeners", "tcp_port", "Also serve newline-delimited JSON over raw TCP on this port (off when unset).",
      9000),
     ("listeners", "ws_path", "Path of the WebSocket endpoint on the HTTP port.", None),
+    ("listeners", "compression",
+     "Accept permessage-deflate from WebSocket clients that offer it (browsers do); each "
+     "publication is compressed once for all of them. Messages under 256 bytes go uncompressed.",
+     None),
     ("listeners", "backlog", "listen() backlog; the kernel caps it at net.core.somaxconn.", None),
     ("listeners", "reuse_port", "Set SO_REUSEPORT, so several server processes can share the port.", None),
     ("listeners", "certfile",

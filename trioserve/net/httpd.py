@@ -18,7 +18,7 @@ import orjson
 import trio
 
 from ..config import Config
-from ..protocol import websocket
+from ..protocol import deflate, websocket
 from ..protocol.codes import ErrorCode
 from .admission import Admission, IdleScopes
 from .transport import Transport
@@ -70,6 +70,8 @@ class Upgrade:
     token: str | None
     #: The request path, which chose the handler (see ``Server.add_websocket``).
     path: str
+    #: permessage-deflate was negotiated (see :mod:`trioserve.protocol.deflate`).
+    deflate: bool = False
 
 
 def json_response(status: int, obj: Any, headers: list[tuple[bytes, bytes]] | None = None) -> Response:
@@ -288,6 +290,10 @@ async def _upgrade(h: h11.Connection, transport: Transport, site: HttpSite,
     except websocket.HandshakeError as exc:
         await _refuse(h, transport, json_error(exc.status, ErrorCode.BAD_REQUEST, exc.reason, exc.headers))
         return None
+    if site.config.compression:
+        extensions = deflate.negotiate(req_headers)
+        if extensions is not None:
+            headers.append((b"sec-websocket-extensions", extensions))
     origin = _header(req_headers, b"origin")
     allowed = site.config.allowed_origins
     # Origins guard browsers against cross-site use of their cookies/session;
@@ -334,7 +340,8 @@ async def _finish_upgrade(h: h11.Connection, transport: Transport, req_headers: 
         await transport.send_all(data)
     except OSError:
         return None
-    return Upgrade(bytes(trailing), _token(req_headers, query), path)
+    deflated = any(name == b"sec-websocket-extensions" for name, _ in headers)
+    return Upgrade(bytes(trailing), _token(req_headers, query), path, deflated)
 
 
 def _header(headers: Sequence[tuple[bytes, bytes]], name: bytes) -> bytes | None:

@@ -9,22 +9,27 @@ import wsproto.events as wse
 from wsproto.connection import Connection as WSConnection
 from wsproto.connection import ConnectionState as WSState
 from wsproto.connection import ConnectionType
+from wsproto.extensions import Extension
 
 from ..config import Config
-from ..protocol import websocket
+from ..protocol import deflate, websocket
 from ..protocol.codes import CloseCode
 from .connection import Connection
 from .heartbeat import Heartbeats
 from .outbound import CLOSE_FAILED, CLOSE_REPLIED, ConnectionState, Framing, QueueTotal
 from .transport import Transport
 
-__all__ = ["WEBSOCKET", "WebSocketConnection"]
+__all__ = ["WEBSOCKET", "WEBSOCKET_DEFLATE", "DeflateWebSocketConnection", "WebSocketConnection"]
 
 log = logging.getLogger("trioserve.connection")
 
 _PING_FRAME = b"\x89\x00"
+_EXTENSION_ERROR = "error in extension"
 
 WEBSOCKET = Framing("websocket", websocket.frame_batch)
+#: Connections that negotiated permessage-deflate: the hub compresses each batch
+#: once for all of them (see trioserve/protocol/deflate.py).
+WEBSOCKET_DEFLATE = Framing("websocket-deflate", deflate.frame_batch)
 
 
 class WebSocketConnection(Connection):
@@ -48,12 +53,15 @@ class WebSocketConnection(Connection):
     ):
         super().__init__(transport, config, nursery, remote, queue_total=queue_total,
                          heartbeats=heartbeats)
-        self._ws = WSConnection(ConnectionType.SERVER)
+        self._ws = WSConnection(ConnectionType.SERVER, self._extensions())
         self._parts: list[str | bytes] | None = None
         self._parts_size = 0
         if trailing_data:
             self._bytes_in += len(trailing_data)
             self._feed(trailing_data)
+
+    def _extensions(self) -> list[Extension] | None:
+        return None
 
     def frame(self, message: str | bytes) -> bytes:
         if isinstance(message, str):
@@ -133,4 +141,30 @@ class WebSocketConnection(Connection):
         else:
             # wsproto reports a malformed frame as a close event while still OPEN.
             log.debug("protocol error from %s: %s %s", self.remote, event.code, event.reason)
-            self._start_close(event.code, event.reason, failed=True)
+            # wsproto names every extension failure "error in extension": the
+            # code's own reason ("message too big", "invalid data") says more.
+            reason = None if event.reason == _EXTENSION_ERROR else event.reason
+            self._start_close(event.code, reason, failed=True)
+
+
+class DeflateWebSocketConnection(WebSocketConnection):
+    """A WebSocket connection that negotiated permessage-deflate with
+    ``server_no_context_takeover`` and ``client_no_context_takeover``.
+
+    It holds no zlib object of its own: the hub frames publications for it with
+    :data:`WEBSOCKET_DEFLATE`, compressed once per batch for every such
+    subscriber, and a compressed client message is inflated by a decompressor
+    that lives for that message only.
+    """
+
+    framing = WEBSOCKET_DEFLATE
+
+    __slots__ = ()
+
+    def _extensions(self) -> list[Extension] | None:
+        return [deflate.InboundDeflate(self._config.max_message_size)]
+
+    def frame(self, message: str | bytes) -> bytes:
+        if isinstance(message, str):
+            return deflate.compressed_text_frame(message.encode())
+        return super().frame(message)

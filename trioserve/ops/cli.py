@@ -212,6 +212,10 @@ def main() -> None:
          help="memory:// (in-host: this process, or the supervisor of --workers), or "
               "redis://host:6379/0 (rediss:// for TLS) to share topics between hosts. "
               "Put a password in TRIOSERVE_BROKER_PASSWORD.")
+@_option("--compression/--no-compression", default=_DEFAULTS.compression,
+         help="Accept permessage-deflate from WebSocket clients that offer it (browsers do). Each "
+              "publication is compressed once and the same bytes go to every such subscriber; "
+              "messages under 256 bytes go uncompressed.")
 @_option("--client-publish/--no-client-publish", default=_DEFAULTS.client_publish,
          help='Let connected clients publish with {"op":"publish"}. The HTTP API can always publish.')
 @_option("--api-key", default=None,

@@ -31,7 +31,7 @@ from ..net.heartbeat import Heartbeats
 from ..net.httpd import HttpSite, Request, Response, RouteHandler, Router, json_response, serve_http
 from ..net.tcp import TcpConnection
 from ..net.transport import SocketTransport, TlsTransport, Transport
-from ..net.websocket import WebSocketConnection
+from ..net.websocket import DeflateWebSocketConnection, WebSocketConnection
 from ..protocol import ndjson
 from ..protocol.claims import ANONYMOUS, AuthError
 from ..protocol.codes import CloseCode
@@ -391,8 +391,9 @@ class Server:
             if upgrade is not None:
                 nursery = self._listeners[0].nursery
                 assert nursery is not None
-                conn = WebSocketConnection(transport, self.config, nursery, remote, upgrade.trailing,
-                                           queue_total=self._queue_total, heartbeats=self._heartbeats)
+                cls = DeflateWebSocketConnection if upgrade.deflate else WebSocketConnection
+                conn = cls(transport, self.config, nursery, remote, upgrade.trailing,
+                           queue_total=self._queue_total, heartbeats=self._heartbeats)
                 self._authenticate(conn, upgrade.token)
                 # The upgrade's reserved slot becomes the connection itself:
                 # _run_connection counts it before its first checkpoint.
