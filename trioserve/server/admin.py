@@ -80,7 +80,7 @@ class AdminView:
 
     def frame(self, answers: list[dict[str, Any]], missing: int, now: float) -> dict[str, Any]:
         connections = {"websocket": 0, "tcp": 0}
-        pub_rate = delivery_rate = 0.0
+        delivery_rate = 0.0
         latency = [0] * (len(LATENCY_BUCKETS) + 1)
         counters: dict[str, tuple[float, int, int]] = {}
         nodes = []
@@ -93,7 +93,6 @@ class AdminView:
             counters[key] = (now, a["publications"], a["deliveries"])
             prev = self._counters.get(key)
             if prev is not None and now > prev[0]:
-                pub_rate += max(0, a["publications"] - prev[1]) / (now - prev[0])
                 delivery_rate += max(0, a["deliveries"] - prev[2]) / (now - prev[0])
             latency = [x + y for x, y in zip(latency, a["latency_buckets"], strict=True)]
             nodes.append({"node": a["node"], "worker": a["worker"], "pid": a["pid"], "state": a["state"],
@@ -105,6 +104,10 @@ class AdminView:
                 totals[code] = totals.get(code, 0) + n
         self._counters = counters
         topics = self._topic_rows(merge_topics(answers), now)
+        # From the topics' offsets, which every node shares: a publication fanned out
+        # by two workers counts once (summing the nodes' counters would count it twice).
+        # Topics nobody subscribes to are not counted: no node receives them.
+        pub_rate = sum(r["rate"] for r in topics)
         nodes.sort(key=lambda n: (n["worker"] or 0, str(n["node"])))
         disconnects.sort(key=lambda d: -d["time"])
         return {
