@@ -4,6 +4,7 @@
 
     Server.serve
     ├── hub fan-out task
+    ├── cluster              (answers the other nodes' server-API questions)
     ├── listener "ws+http"   accept loop + one task per socket
     ├── listener "tcp"       (when tcp_port is set)
     ├── shedder              (sleeps until the queued bytes pass max_queued_bytes)
