@@ -58,7 +58,9 @@ def api(port: int, path: str, body: Any) -> dict[str, Any]:
 
 
 def client(stack: contextlib.ExitStack, port: int, *topics: str) -> ClientConnection:
-    ws = stack.enter_context(connect(f"ws://127.0.0.1:{port}/ws", open_timeout=10))
+    # Unbounded: these clients never read their publications, and a full queue
+    # would hold up the close handshake (websockets' close_timeout, 10 s each).
+    ws = stack.enter_context(connect(f"ws://127.0.0.1:{port}/ws", open_timeout=10, max_queue=None))
     for topic in topics:
         ws.send(json.dumps({"op": "subscribe", "topic": topic, "id": topic}))
         assert json.loads(ws.recv(timeout=10))["ok"] is True
