@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 import trio
 
+from ..conftest import RedisServer
 from ..peers import RawWebSocket, http_request
 from ..serverproc import STARTUP_TIMEOUT
 from .test_embedded_presence import client_on
@@ -102,3 +103,16 @@ async def test_the_stream_covers_every_worker(tmp_path: Path) -> None:
             await close_all([on_1, on_2])
             await frame_where(ws, lambda f: f["connections"]["total"] == 1)
             assert (await (await admin(sp.port, "wrong")).wait_closed()).code == 4001
+
+
+async def test_the_stream_covers_every_node_on_redis(start_server: Any, redis: RedisServer) -> None:
+    a = await start_server(broker=redis.url, api_key=KEY)
+    b = await start_server(broker=redis.url, api_key=KEY)
+    with trio.fail_after(LIMIT):
+        clients = [await RawWebSocket.connect(b.port) for _ in range(2)]
+        ws = await admin(a.port)
+        frame = await frame_where(ws, lambda f: f["connections"]["total"] == 3)
+        assert sorted(n["node"] for n in frame["nodes"]) == sorted(
+            [a.server.hub.broker.node, b.server.hub.broker.node])
+        await close_all(clients)
+        await frame_where(ws, lambda f: f["connections"]["total"] == 1)
