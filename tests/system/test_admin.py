@@ -57,6 +57,14 @@ async def test_a_wrong_or_missing_key_closes_the_stream(start_server: Any, first
         assert rs.server.statistics().auth_failures == 1
 
 
+async def test_the_stream_needs_no_token_where_clients_do(start_server: Any) -> None:
+    rs = await start_server(api_key=KEY, token_secret="test-secret-0123456789-0123456789-abcdef")
+    with trio.fail_after(LIMIT):
+        ws = await admin(rs.port)
+        assert await ws.recv_json() == {"op": "auth", "ok": True}
+        assert (await frame_where(ws, lambda f: True))["connections"]["total"] == 1
+
+
 async def test_the_stream_follows_connections_topics_and_disconnects(start_server: Any) -> None:
     rs = await start_server(api_key=KEY)
     with trio.fail_after(LIMIT):
