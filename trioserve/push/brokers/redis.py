@@ -328,11 +328,6 @@ class RedisBroker(Broker):
             raise BrokerUnavailable(f"redis: {exc}") from None
         return max(0, int(reached) - 1)  # this node listens too, and ignores its own
 
-    def _control(self, data: bytes) -> None:
-        sender, _, message = data.partition(b" ")
-        if message and sender != self.node.encode():
-            self.control_arrived(message)
-
     async def head(self, topic: str) -> tuple[str, int]:
         if self._seq.is_joined(topic):
             # Joined: what this node has fanned out, in step with its subscribers.
@@ -460,8 +455,10 @@ class RedisBroker(Broker):
                 message = parse_message(channel, data)
                 if message is not None:
                     await self._arrive(message)
-                elif channel == _CONTROL:
-                    self._control(data)
+                elif channel == _CONTROL:  # another node's (this one's own is skipped)
+                    sender, _, control = data.partition(b" ")
+                    if control and sender != self.node.encode():
+                        self.control_arrived(control)
                 else:  # not a publication: a presence event, maybe
                     self._presence.deliver(channel, data)
 
