@@ -516,6 +516,13 @@ export class Client {
       case "refresh_required":
         this._refresh();
         break;
+      case "unsubscribed": {
+        // The server API removed this client from the topic: end the subscription
+        // (onError) rather than subscribe again on the next connection.
+        const sub = this._subs.get(msg.topic);
+        if (sub) this._unsubscribe(sub, new TrioserveError("unsubscribed", `the server unsubscribed this client from ${msg.topic}`));
+        break;
+      }
       default:
         break;
     }

@@ -50,13 +50,13 @@ async def event(ws: RawWebSocket, op: str) -> dict[str, Any]:
             return msg  # type: ignore[no-any-return]
 
 
-async def client_on(port: int, worker: str) -> RawWebSocket:
+async def client_on(port: int, worker: str, path: str = "/ws") -> RawWebSocket:
     """A connection on *worker* (the kernel picks; others are closed again)."""
     extra: list[RawWebSocket] = []
     try:
         while True:
             before = await connections_by_worker(port)
-            ws = await RawWebSocket.connect(port)
+            ws = await RawWebSocket.connect(port, path)
             await request(ws, {"op": "ping", "id": "ping"})  # counted by now
             after = await connections_by_worker(port)
             (landed,) = [w for w, n in after.items() if n > before.get(w, 0)]

@@ -22,7 +22,7 @@ import attrs
 import orjson
 import trio
 
-from ._errors import server_error
+from ._errors import ServerError, server_error
 from ._subscription import Subscriptions, SubState
 from ._websocket import Closed, WebSocket
 
@@ -147,6 +147,12 @@ class Session:
                 state = self._subs.get(msg.get("topic"))
                 if state is not None:
                     await state.receive_presence(msg)
+            elif op == "unsubscribed":
+                # The server API removed us: end it, rather than subscribe again on reconnect.
+                state = self._subs.get(msg.get("topic"))
+                if state is not None:
+                    self._subs.end(state, ServerError(
+                        "unsubscribed", f"the server unsubscribed this client from {state.topic}"))
             else:
                 log.debug("ignoring %.200r", text)
 

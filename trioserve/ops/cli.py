@@ -219,7 +219,8 @@ def main() -> None:
 @_option("--client-publish/--no-client-publish", default=_DEFAULTS.client_publish,
          help='Let connected clients publish with {"op":"publish"}. The HTTP API can always publish.')
 @_option("--api-key", default=None,
-         help="Require 'Authorization: Bearer KEY' on POST /api/publish.  [default: none, open]")
+         help="Require 'Authorization: Bearer KEY' on the HTTP API (/api/...), and this key on "
+              "the status page (/admin).  [default: none, open]")
 @_option("--max-connections", type=click.IntRange(1), default=None,
          help="Client connections at once; more get HTTP 503 / a close line.  "
               "[default: what the fd limit allows]")

@@ -12,23 +12,27 @@ from ..protocol.messages import ProtocolError, validate_topic
 from .brokers import BrokerUnavailable
 from .service import HubContext, PublishRefused, publish
 
-__all__ = ["api_routes"]
+__all__ = ["api_key_refusal", "api_routes"]
+
+
+def api_key_refusal(ctx: HubContext, req: Request) -> Response | None:
+    """A 401 unless *req* carries the API key (when one is configured)."""
+    key = ctx.config.api_key
+    if key is None:
+        return None
+    given = req.header(b"authorization") or b""
+    # The scheme is case-insensitive (RFC 9110 11.1); the key is compared in constant time.
+    if given[:7].lower() == b"bearer " and hmac.compare_digest(given[7:], key.encode()):
+        return None
+    ctx.count_auth_failure()
+    return json_error(401, ErrorCode.UNAUTHORIZED,
+                      "missing or wrong API key (Authorization: Bearer <key>)",
+                      [(b"www-authenticate", b"Bearer")])
 
 
 def api_routes(ctx: HubContext) -> dict[tuple[str, str], RouteHandler]:
     def refused(req: Request) -> Response | None:
-        """A 401 unless the request carries the API key (when one is configured)."""
-        key = ctx.config.api_key
-        if key is None:
-            return None
-        given = req.header(b"authorization") or b""
-        # The scheme is case-insensitive (RFC 9110 11.1); the key is compared in constant time.
-        if given[:7].lower() == b"bearer " and hmac.compare_digest(given[7:], key.encode()):
-            return None
-        ctx.count_auth_failure()
-        return json_error(401, ErrorCode.UNAUTHORIZED,
-                          "missing or wrong API key (Authorization: Bearer <key>)",
-                          [(b"www-authenticate", b"Bearer")])
+        return api_key_refusal(ctx, req)
 
     async def publish_route(req: Request) -> Response:
         if (denied := refused(req)) is not None:

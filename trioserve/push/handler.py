@@ -72,6 +72,9 @@ class PushContext(HubContext, Protocol):
     @property
     def on_subscribe(self) -> Callable[[Any, str], None] | None: ...
 
+    def identify(self, conn: Any) -> None:
+        """*conn*'s claims changed (``connect``): index it by its user for the server API."""
+
 #: Publications one recovering subscribe reply may carry, in bytes.
 MAX_RECOVERY_BYTES = 1024 * 1024 - 4096
 
@@ -329,4 +332,5 @@ def _authenticate(conn: Client, server: PushContext, cmd: Command) -> bytes:
         raise ProtocolError(ErrorCode.UNAUTHORIZED,
                             f"the new token is for {claims.sub!r}, not {conn.claims.sub!r}", cmd.id)
     conn.set_claims(claims)
+    server.identify(conn)
     return encode_reply(cmd.id, client=claims.sub)

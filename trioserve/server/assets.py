@@ -25,6 +25,8 @@ __all__ = ["asset_routes"]
 ASSETS = {
     "/trioserve.js": ("trioserve.js", b"text/javascript; charset=utf-8"),
     "/trioserve.d.ts": ("trioserve.d.ts", b"application/typescript; charset=utf-8"),
+    # The status page (server/admin.py): one file, no build step, no CDN.
+    "/admin": ("admin.html", b"text/html; charset=utf-8"),
 }
 _HEADERS = [
     (b"cache-control", b"no-cache"),

@@ -4,6 +4,7 @@
 
     Server.serve
     ├── hub fan-out task
+    ├── cluster              (answers the other nodes' server-API questions)
     ├── listener "ws+http"   accept loop + one task per socket
     ├── listener "tcp"       (when tcp_port is set)
     ├── shedder              (sleeps until the queued bytes pass max_queued_bytes)
@@ -17,6 +18,7 @@ import logging
 import signal
 import socket
 import ssl
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -41,8 +43,12 @@ from ..push.brokers import make_broker
 from ..push.handler import leave_all, push_handler
 from ..push.history import History
 from ..push.hub import Hub
+from ..push.users import UserIndex
+from .admin import ADMIN_WS_PATH, admin_stream
+from .api_admin import admin_api_routes
 from .assets import asset_routes
 from .auth import Authenticator
+from .cluster import Cluster, new_recent, recent
 from .stats import ServerStatistics
 
 __all__ = ["Handler", "OpHandler", "Reject", "Server", "ServerStatistics", "server_routes"]
@@ -139,7 +145,15 @@ class Server:
         self._connections: set[Connection] = set()
         self._admission = Admission(self.config, self._connections)
         self._idle = IdleScopes()
-        self._router = Router({**server_routes(self), **api_routes(self)})
+        #: Connections by user (a token's sub), for the server API; recent closes, for /admin.
+        self.users = UserIndex()
+        self.recent_disconnects = new_recent()
+        self.started_at = time.monotonic()
+        #: The server API's reach to every node or worker, through the broker.
+        self.cluster = Cluster(self)
+        self.ws_handlers[ADMIN_WS_PATH] = functools.partial(admin_stream, server=self, cluster=self.cluster)
+        self._router = Router({**server_routes(self), **api_routes(self),
+                               **admin_api_routes(self, self.cluster)})
         self._http = HttpSite(self.config, self._admission, self._idle, self._router, self.ws_handlers)
         self._heartbeats = Heartbeats(self.config.ping_interval, self.config.ping_timeout,
                                       lambda: self._connections)
@@ -232,6 +246,7 @@ class Server:
             async with trio.open_nursery() as root:
                 await root.start(self.hub.run)
                 await root.start(self.hub.broker.run)
+                await root.start(self.cluster.run)
                 await root.start(self._heartbeats.run)
                 if self._queue_total.limit:
                     root.start_soon(self._shed_loop)
@@ -394,7 +409,10 @@ class Server:
                 cls = DeflateWebSocketConnection if upgrade.deflate else WebSocketConnection
                 conn = cls(transport, self.config, nursery, remote, upgrade.trailing,
                            queue_total=self._queue_total, heartbeats=self._heartbeats)
-                self._authenticate(conn, upgrade.token)
+                if upgrade.path == ADMIN_WS_PATH:  # the status page: it sends the API key itself
+                    conn.set_claims(ANONYMOUS)
+                else:
+                    self._authenticate(conn, upgrade.token)
                 # The upgrade's reserved slot becomes the connection itself:
                 # _run_connection counts it before its first checkpoint.
                 self._admission.release()
@@ -455,6 +473,11 @@ class Server:
             log.info("unauthorized %s: %s", conn.remote, exc.code)
             conn.start_close(CloseCode.UNAUTHORIZED, f"unauthorized: {exc.code}")
 
+    def identify(self, conn: Connection) -> None:
+        """Index *conn* by its user for the server API (anonymous ones are not)."""
+        claims = conn.claims
+        self.users.set(conn, None if claims is None or claims.anonymous else claims.sub)
+
     def count_auth_failure(self) -> None:
         """Count a refused token (for the auth-failures metric)."""
         self._auth_failures += 1
@@ -464,6 +487,7 @@ class Server:
         name = conn.transport_name
         self._connects[name] = self._connects.get(name, 0) + 1
         log.debug("connect %s (%s)", conn.remote, name)
+        self.identify(conn)
         if self.draining:
             conn.start_close(CloseCode.GOING_AWAY)
         try:
@@ -483,6 +507,7 @@ class Server:
             await conn.close()
         finally:
             self._connections.discard(conn)
+            self.users.discard(conn)
             self._conn_gone.unpark_all()
             topics = self.hub.topics_of(conn)
             self.hub.unsubscribe_all(conn)
@@ -505,6 +530,7 @@ class Server:
     def _log_disconnect(self, conn: Connection) -> None:
         code = conn.close_code or CloseCode.ABNORMAL
         self._disconnects[code] = self._disconnects.get(code, 0) + 1
+        recent(self, code, conn.close_reason or "", conn.transport_name)
         # Normal ends are routine at scale; everything else is worth seeing at info.
         level = logging.DEBUG if code in _NORMAL_CLOSES else logging.INFO
         log.log(level, "disconnect %s (%s): %d %s", conn.remote, conn.transport_name, code,

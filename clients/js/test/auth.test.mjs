@@ -112,6 +112,24 @@ describe("a server that requires tokens", () => {
     }
   });
 
+  test("unsubscribed by the server API: the subscription ends with onError, and stays ended", async () => {
+    const seen = new Events();
+    const client = new Client(server.url, { WebSocket, getToken: longToken });
+    try {
+      const sub = client.subscribe("news", recorder(seen));
+      await sub.ready;
+      const res = await fetch(`${server.httpUrl}/api/unsubscribe`,
+        { method: "POST", body: JSON.stringify({ user: "alice", topic: "news" }) });
+      assert.equal((await res.json()).unsubscribed, 1);
+      const [error] = await seen.waitFor((items) => items.some((e) => e.kind === "error"), "onError")
+        .then((items) => items.filter((e) => e.kind === "error"));
+      assert.equal(error.code, "unsubscribed");
+      assert.equal(sub.active, false);  // not subscribed again on the next connection
+    } finally {
+      await client.close();
+    }
+  });
+
   test("getToken's tokens refused twice in a row: the client stops", async () => {
     let calls = 0;
     const client = new Client(server.url, {

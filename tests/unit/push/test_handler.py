@@ -86,6 +86,9 @@ class Context:
     def count_auth_failure(self) -> None:
         self.auth_failures += 1
 
+    def identify(self, conn: Any) -> None:
+        pass
+
 
 async def run(ctx: Context, conn: FakeClient) -> list[Any]:
     async with trio.open_nursery() as nursery:

@@ -19,7 +19,16 @@ def request(path: str, *headers: tuple[bytes, bytes]) -> Request:
 
 
 def test_the_routes() -> None:
-    assert set(assets.asset_routes()) == {("GET", "/trioserve.js"), ("GET", "/trioserve.d.ts")}
+    assert set(assets.asset_routes()) == {("GET", "/trioserve.js"), ("GET", "/trioserve.d.ts"),
+                                          ("GET", "/admin")}
+
+
+async def test_the_status_page_is_one_self_contained_html_file() -> None:
+    resp = await assets.asset_routes()[("GET", "/admin")](request("/admin"))
+    assert resp.status == 200 and resp.content_type == b"text/html; charset=utf-8"
+    assert b'data-testid="connections"' in resp.body and b"/admin/ws" in resp.body
+    # No CDN, no external script or style: everything it needs is in the file.
+    assert b"http://" not in resp.body and b"https://" not in resp.body
 
 
 @pytest.mark.parametrize(("path", "name"), [("/trioserve.js", "trioserve.js"),

@@ -8,7 +8,7 @@ pub/sub, so every node of a cluster sees the same offsets.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import trio
@@ -67,9 +67,29 @@ class Broker:
     node: str = ""
 
     hub: HubPort
+    #: Where control messages from the other nodes go (see :meth:`broadcast`).
+    _control_handler: Callable[[bytes], None] | None = None
 
     def attach(self, hub: HubPort) -> None:
         self.hub = hub
+
+    # --- cluster control (the server API: disconnect a user everywhere, ...) -----------
+
+    def on_control(self, handler: Callable[[bytes], None]) -> None:
+        """Call *handler* with each control message another node broadcast."""
+        self._control_handler = handler
+
+    def control_arrived(self, message: bytes) -> None:
+        """A control message from another node (a broker's reader calls this)."""
+        if self._control_handler is not None:
+            self._control_handler(message)
+
+    async def broadcast(self, message: bytes) -> int:
+        """Send *message* to every other node's :meth:`on_control` handler (never
+        back to this one); returns how many nodes it reached, so a caller waiting
+        for their answers knows how many to expect. One process: 0, at once.
+        Raises :class:`BrokerUnavailable`. Never on the delivery path: an API call's."""
+        return 0
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Background work (connections, pub/sub); runs until cancelled."""

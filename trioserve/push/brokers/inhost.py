@@ -20,6 +20,9 @@ like Redis:
   unsubscribe); ``members`` asks it for the other workers'; a join/leave event
   from another worker arrives as ``ev`` and goes to the hub's subscribers.
   Member ids carry ``@w<worker id>`` (:attr:`node`, from the ``hello``).
+- **control** (the server API, :meth:`broadcast`): ``["ctl", id]`` + the
+  message goes to the sequencer, which relays it as ``["ctl"]`` to every other
+  connected worker and answers with how many it reached.
 - **flush** (a drain) sends ``sync``: its reply comes after every relay
   sequenced before it, so the drain delivers all of them before its 1001.
 
@@ -172,6 +175,15 @@ class InHostBroker(Broker):
         result: list[dict[str, Any]] = await self._call(["members", None, topic], _members)
         return result
 
+    async def broadcast(self, message: bytes) -> int:
+        waiter = _Waiter(1)
+        self._request(["ctl", None], message, waiter, 0, _offset)
+        await waiter.done.wait()
+        (result,) = waiter.results
+        if isinstance(result, BrokerUnavailable):
+            raise result
+        return int(result)
+
     async def head(self, topic: str) -> tuple[str, int]:
         if topic in self._enqueued:
             # Joined: what this worker has fanned out, in step with its subscribers.
@@ -267,6 +279,8 @@ class InHostBroker(Broker):
                 waiter.settle(index, BrokerUnavailable(str(header[2])))
         elif kind == "ev":
             self.hub.send_event(header[1], payload)
+        elif kind == "ctl":
+            self.control_arrived(payload)
         elif kind == "hello":
             self._epoch = str(header[1])
             self.node = f"w{header[2]}"

@@ -11,6 +11,8 @@ Keys per topic T (a Redis Cluster would hash them to one slot thanks to ``{T}``)
 - channel ``ts:pub:T``: ``<epoch> <offset> <publication JSON>``;
 - presence: the hash ``ts:{T}:members`` and the channel ``ts:ev:T``
   (redis_presence.py), joined and left with ``ts:pub:T``.
+- channel ``ts:ctl``: ``<node> <message>``, the server API's control messages,
+  to every node (:meth:`RedisBroker.broadcast`); every node always listens.
 
 One Lua script assigns offsets, appends to history and publishes, so offsets
 are gapless and in the same order on every node.
@@ -65,7 +67,7 @@ from .redis_sequencer import Message, Sequencer, Verdict, parse_message
 if TYPE_CHECKING:
     from ...config import Config
 
-__all__ = ["MAX_PUBLISH_BATCH", "MAX_PUBLISH_BYTES", "PUBLISH_SCRIPT", "RedisBroker",
+__all__ = ["CONTROL_CHANNEL", "MAX_PUBLISH_BATCH", "MAX_PUBLISH_BYTES", "PUBLISH_SCRIPT", "RedisBroker",
            "publish_call", "take_batch"]
 
 log = logging.getLogger("trioserve.brokers.redis")
@@ -120,6 +122,10 @@ if not epoch then
 end
 return {tonumber(redis.call('GET', KEYS[1]) or '0'), epoch}
 """
+
+CONTROL_CHANNEL = "ts:ctl"
+_CONTROL = CONTROL_CHANNEL.encode()
+
 
 def _keys(topic: str) -> tuple[str, str, str]:
     return f"ts:{{{topic}}}:off", f"ts:{{{topic}}}:hist", f"ts:{{{topic}}}:epoch"
@@ -313,6 +319,15 @@ class RedisBroker(Broker):
     async def members(self, topic: str) -> list[dict[str, Any]] | None:
         return await self._presence.members(topic)
 
+    async def broadcast(self, message: bytes) -> int:
+        if self._pubsub is None:
+            raise BrokerUnavailable("redis is not connected")
+        try:
+            reached = await self._client.publish(CONTROL_CHANNEL, self.node.encode() + b" " + message)
+        except _ERRORS as exc:
+            raise BrokerUnavailable(f"redis: {exc}") from None
+        return max(0, int(reached) - 1)  # this node listens too, and ignores its own
+
     async def head(self, topic: str) -> tuple[str, int]:
         if self._seq.is_joined(topic):
             # Joined: what this node has fanned out, in step with its subscribers.
@@ -409,8 +424,7 @@ class RedisBroker(Broker):
         """Subscribe again to every joined topic and deliver what was missed.
         The consumer starts after this: what arrives meanwhile waits in *pubsub*."""
         topics = self._seq.joined()
-        if topics:
-            await pubsub.subscribe(*(c for t in topics for c in self._channels(t)))
+        await pubsub.subscribe(CONTROL_CHANNEL, *(c for t in topics for c in self._channels(t)))
         self._pubsub = pubsub
         self.connected.set()
         self._presence.rewrite()  # Redis may have restarted without them
@@ -441,6 +455,10 @@ class RedisBroker(Broker):
                 message = parse_message(channel, data)
                 if message is not None:
                     await self._arrive(message)
+                elif channel == _CONTROL:  # another node's (this one's own is skipped)
+                    sender, _, control = data.partition(b" ")
+                    if control and sender != self.node.encode():
+                        self.control_arrived(control)
                 else:  # not a publication: a presence event, maybe
                     self._presence.deliver(channel, data)
 

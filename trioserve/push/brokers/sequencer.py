@@ -39,6 +39,8 @@ worker → sequencer                         sequencer → worker
 ``["mleave", topic, conn]`` + event        (nothing; the event, if any, is relayed)
 ``["members", id, topic]``                 ``["ok", id, count]`` + the other workers'
                                            members, a JSON array
+``["ctl", id]`` + a control message        ``["ok", id, count]``: relayed as ``["ctl"]``
+                                           to *count* other connected workers
 =========================================  ======================================
 
 A refusal is ``["err", id, message]``. On connecting, a worker first gets
@@ -174,6 +176,8 @@ class Sequencer:
                 self._member_joined(worker, _topic(header[1]), header[2], payload)
             elif kind == "mleave":
                 self._member_left(worker, _topic(header[1]), header[2], payload)
+            elif kind == "ctl":
+                self._reply(worker, ["ok", header[1], self._relay_control(worker, payload)])
             elif kind == "members":
                 members = self.members(_topic(header[2]), exclude=worker)
                 self._reply(worker, ["ok", header[1], len(members)], orjson.dumps(members))
@@ -281,6 +285,17 @@ class Sequencer:
                 frame = frame or encode_frame(["ev", topic], event)
                 self._outboxes[w] += frame
                 self.ready.add(w)
+
+    def _relay_control(self, source: int, message: bytes) -> int:
+        """A control message (the server API) to every other connected worker."""
+        frame = encode_frame(["ctl"], message)
+        count = 0
+        for w, out in self._outboxes.items():
+            if w != source:
+                out += frame
+                self.ready.add(w)
+                count += 1
+        return count
 
     def members(self, topic: str, exclude: int | None = None) -> list[dict[str, Any]]:
         """*topic*'s members on every worker but *exclude*, by worker."""

@@ -286,3 +286,21 @@ async def test_presence_spans_workers_and_a_gone_workers_members_leave() -> None
             assert watcher.got[3] == left
             assert await b1.members("room") == []
             h.nursery.cancel_scope.cancel()
+
+
+async def test_a_control_message_reaches_every_other_worker_and_the_count_says_how_many() -> None:
+    with trio.fail_after(LIMIT):
+        async with host(workers=3) as h:
+            got: dict[int, list[bytes]] = {1: [], 2: [], 3: []}
+            arrived = trio.Event()
+            brokers = []
+            for w in (1, 2, 3):
+                _, broker = await h.worker(w)
+                broker.on_control(lambda m, w=w: (got[w].append(m), arrived.set()))
+                brokers.append(broker)
+            assert await brokers[0].broadcast(b'{"q":1}') == 2
+            while not (got[2] and got[3]):
+                arrived = trio.Event()
+                await arrived.wait()
+            assert got == {1: [], 2: [b'{"q":1}'], 3: [b'{"q":1}']}
+            h.nursery.cancel_scope.cancel()

@@ -213,3 +213,16 @@ def test_frames_for_a_gone_worker_are_dropped() -> None:
     seq.handle(9, ["sync", 1], b"")  # never connected
     assert seq.ready == set() and seq.take(9) == bytearray()
     assert encode_frame(["x"]) != b""
+
+
+def test_a_control_message_goes_to_every_other_connected_worker() -> None:
+    seq, _ = make()
+    for w in (1, 2, 3):
+        seq.connect(w)
+        out(seq, w)
+    seq.disconnect(3)
+    seq.handle(1, ["ctl", 7], b'{"q":"x"}')
+    assert out(seq, 1) == [(["ok", 7, 1], b"")]  # one other worker reached
+    assert out(seq, 2) == [(["ctl"], b'{"q":"x"}')]
+    seq.connect(3)
+    assert [h for h, _ in out(seq, 3)] == [["hello", "e1", 3]]  # nothing of what came before
