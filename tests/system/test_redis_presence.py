@@ -1,6 +1,6 @@
 """Presence across two nodes on one Redis: a topic's presence list and its
 join/leave events cover both nodes, and a node's members go when its clients
-do, or, when the node stops without a word, once their expiry passes."""
+do, or, when the node stops without a word, once its liveness key expires."""
 
 from __future__ import annotations
 
@@ -60,11 +60,12 @@ async def test_a_stopped_nodes_members_expire_and_leave(
             doomed.cancel_scope.cancel()
         # Cancelled: its writer sent nothing more, so its members are still in Redis ...
         assert theirs.encode() in await redis_call(redis.port, "HKEYS", members_key("room.1"))
-        # ... until their expiry passes: then they are gone from the list, and the
-        # node that swept them sends their leave event.
+        # ... until its liveness key expires: node a watches the nodes whose joins
+        # it saw, so it sweeps them and sends their leave event with nobody asking
+        # for presence; then they are gone from the list too.
         async with a.stream:
-            await until_conns(a, "room.1", lambda found: theirs not in found)
             assert (await event(a, "leave"))["client"]["conn"] == theirs
+            await until_conns(a, "room.1", lambda found: theirs not in found)
             await until_conns(a, "plain", lambda found: theirs not in found)
             # Swept from Redis too, and node a's own member is still there (refreshed).
             keys = await redis_call(redis.port, "HKEYS", members_key("room.1"))

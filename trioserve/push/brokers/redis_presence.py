@@ -31,8 +31,11 @@ hash. Nothing here runs per publication.
 subscribers) and dead nodes' ones. Dead nodes' entries it saw are swept by the
 writer task: a script deletes each one whose value is still what was read, and
 the node that deleted it sends its ``leave`` event when the topic has presence
-events, here and to the other nodes. So a crashed node's members leave with an
-event once someone asks for the topic's presence after its key expired.
+events, here and to the other nodes. A node also watches the nodes whose join
+events it received: at each renewal it reads their keys (one ``MGET``), and
+for one that expired it reads its topics' hashes the same way. So a crashed
+node's members leave with an event within ``ttl + refresh`` even if nobody
+asks for presence.
 
 Each node keeps its members' encoded entries (topic → conn → bytes, about
 200 bytes a member), to write them all again when Redis lost them.
@@ -164,15 +167,15 @@ def encode_event(node: str, event: bytes) -> bytes:
     return node.encode() + b" " + event
 
 
-def parse_event(channel: bytes, data: bytes, node: str) -> tuple[str, bytes] | None:
-    """``(topic, event)`` of another node's event, or None: not a presence
-    channel, not of ours, or this node's own."""
+def parse_event(channel: bytes, data: bytes, node: str) -> tuple[str, str, bytes] | None:
+    """``(sender, topic, event)`` of another node's event, or None: not a
+    presence channel, not of ours, or this node's own."""
     if not channel.startswith(b"ts:ev:"):
         return None
     sender, sep, event = data.partition(b" ")
     if not sep or not event or sender == node.encode():
         return None
-    return channel[len(EVENT_PREFIX):].decode(errors="replace"), event
+    return sender.decode(errors="replace"), channel[len(EVENT_PREFIX):].decode(errors="replace"), event
 
 
 def plan_round(local: dict[str, dict[str, bytes]], dirty: Iterable[tuple[str, str]],
@@ -233,6 +236,9 @@ class RedisPresence:
         self._rewrite = False
         self._wake = trio.lowlevel.ParkingLot()
         self._failing = False
+        # Other nodes whose join events arrived here → the topics (with events)
+        # they were for: at each renewal, a dead one's members there are swept.
+        self._peers: dict[str, set[str]] = {}
 
     # --- the seam (synchronous: note and return) -------------------------------------
 
@@ -279,7 +285,11 @@ class RedisPresence:
         event, hand it to the hub."""
         parsed = parse_event(channel, data, self.node)
         if parsed is not None:
-            self._send_event(*parsed)
+            sender, topic, event = parsed
+            self._send_event(topic, event)
+            # Watched from now on: if its key expires, this node sweeps its members
+            # of *topic* and sends their leave events without waiting for a read.
+            self._peers.setdefault(sender, set()).add(topic)
 
     async def members(self, topic: str) -> list[dict[str, Any]]:
         try:
@@ -338,7 +348,9 @@ class RedisPresence:
                 await self._send(commands[start:start + MAX_PIPELINE])
             for topic, dead in sweeps:
                 await self._sweep(topic, dead)
-        except REDIS_ERRORS as exc:
+            if renew and self._peers:
+                await self._watch_peers()
+        except (*REDIS_ERRORS, BrokerUnavailable) as exc:
             if not self._failing:  # once per outage: the broker logs its retries
                 log.warning("presence: redis unavailable (%s); rewriting every member on recovery", exc)
             self._failing = True
@@ -346,6 +358,23 @@ class RedisPresence:
             return False
         self._failing = False
         return True
+
+    async def _watch_peers(self) -> None:
+        """Sweep the members of watched nodes whose key has expired (they crashed),
+        in the topics this node is still in: their ``leave`` events then go out
+        within ``ttl + refresh`` of the crash, even if nobody asks for presence."""
+        for node, topics in list(self._peers.items()):
+            topics &= self._local.keys()
+            if not topics:
+                del self._peers[node]
+        order = sorted(self._peers)
+        if not order:
+            return
+        keys = await self._client.mget([node_key(n) for n in order])
+        for node, value in zip(order, keys, strict=True):
+            if value is None:
+                for topic in sorted(self._peers.pop(node)):
+                    await self.members(topic)  # finds the dead entries and queues their sweep
 
     async def _send(self, commands: list[Command]) -> None:
         async with self._client.pipeline(transaction=False) as pipe:

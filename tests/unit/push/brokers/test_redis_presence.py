@@ -76,7 +76,7 @@ def test_events_carry_the_node_and_a_node_ignores_its_own() -> None:
     event = b'{"op":"join","topic":"t","client":{}}'
     data = encode_event("aa", event)
     assert data == b"aa " + event
-    assert parse_event(b"ts:ev:t", data, "bb") == ("t", event)
+    assert parse_event(b"ts:ev:t", data, "bb") == ("aa", "t", event)
     assert parse_event(b"ts:ev:t", data, "aa") is None
     assert parse_event(b"ts:pub:t", data, "bb") is None
     assert parse_event(b"ts:ev:t", b"nospace", "bb") is None
