@@ -320,4 +320,32 @@ def _families(server: Observed) -> list[Metric]:
                           "Frames waiting in outbound queues, summed over connections.",
                           value=queued_frames),
         latency,
+        *_backend_families(s),
     ]
+
+
+def _backend_families(s: ServerStatistics) -> list[Metric]:
+    """The proxy's and the webhooks' counters, when they are configured."""
+    families: list[Metric] = []
+    if s.proxy_calls:
+        calls = CounterMetricFamily(
+            "trioserve_proxy_calls",
+            "Calls to the application's backend, by outcome: allowed, refused, or unavailable "
+            "(unreachable, timed out, a bad answer, or over proxy_max_in_flight).", labels=["outcome"])
+        for outcome, count in sorted(s.proxy_calls.items()):
+            calls.add_metric([outcome], count)
+        families.append(calls)
+    if s.webhooks:
+        w = s.webhooks
+        families += [
+            CounterMetricFamily("trioserve_webhook_events_delivered",
+                                "Webhook events the receiver accepted (2xx).", value=w["delivered"]),
+            CounterMetricFamily("trioserve_webhook_events_dropped",
+                                "Webhook events dropped, oldest first, because the queue was full "
+                                "(webhooks_queue_size).", value=w["dropped"]),
+            CounterMetricFamily("trioserve_webhook_failed_posts",
+                                "Webhook POSTs that failed and were retried.", value=w["failed_posts"]),
+            GaugeMetricFamily("trioserve_webhook_events_queued",
+                              "Webhook events waiting for delivery.", value=w["queued"]),
+        ]
+    return families

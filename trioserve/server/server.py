@@ -41,9 +41,12 @@ from ..push.brokers import make_broker
 from ..push.handler import leave_all, push_handler
 from ..push.history import History
 from ..push.hub import Hub
+from .application import ApplicationLink
 from .assets import asset_routes
 from .auth import Authenticator
+from .proxy import HttpBackend
 from .stats import ServerStatistics
+from .webhooks import Webhooks
 
 __all__ = ["Handler", "OpHandler", "Reject", "Server", "ServerStatistics", "server_routes"]
 
@@ -76,7 +79,7 @@ class _Listener:
     accept_scope: trio.CancelScope = attrs.Factory(trio.CancelScope)
 
 
-class Server:
+class Server(ApplicationLink):
     """A trioserve server: HTTP + WebSocket on one port, NDJSON over TCP on another.
 
     Run it inside your own nursery; ``start`` returns once every listener is
@@ -103,6 +106,7 @@ class Server:
         on_connect: Callable[[Connection], Awaitable[None]] | None = None,
         on_disconnect: Callable[[Connection], None] | None = None,
         on_subscribe: Callable[[Connection, str], None] | None = None,
+        on_unsubscribe: Callable[[Connection, str], None] | None = None,
         ssl_context: ssl.SSLContext | None = None,
     ):
         self.config = config or Config()
@@ -128,6 +132,12 @@ class Server:
         #: Called before a push-protocol subscribe; raise ProtocolError to refuse it.
         #: Synchronous on purpose: recovery and subscribing must not be split by a checkpoint.
         self.on_subscribe = on_subscribe
+        #: Called after a push-protocol unsubscribe that removed a subscription.
+        self.on_unsubscribe = on_unsubscribe
+        cfg = self.config
+        #: The application's backend (docs/backend.md): the ``proxy_*_url`` settings.
+        self.backend = HttpBackend.for_config(cfg)
+        self.webhooks = Webhooks(cfg) if cfg.webhooks_url is not None else None
         self.ops: dict[str, OpHandler] = {}
         #: ``ops``' names, kept as a frozenset for the parser on every message.
         self.op_names: frozenset[str] = frozenset()
@@ -140,7 +150,8 @@ class Server:
         self._admission = Admission(self.config, self._connections)
         self._idle = IdleScopes()
         self._router = Router({**server_routes(self), **api_routes(self)})
-        self._http = HttpSite(self.config, self._admission, self._idle, self._router, self.ws_handlers)
+        gate = self.connect_proxy if cfg.connect_proxied else None
+        self._http = HttpSite(cfg, self._admission, self._idle, self._router, self.ws_handlers, gate)
         self._heartbeats = Heartbeats(self.config.ping_interval, self.config.ping_timeout,
                                       lambda: self._connections)
         self._connects: dict[str, int] = {}
@@ -208,6 +219,8 @@ class Server:
             draining=self.draining,
             hub=self.hub.statistics(),
             worker_id=self.config.worker_id,
+            proxy_calls=dict(self.backend.calls) if self.backend else {},
+            webhooks=self.webhooks.counters() if self.webhooks else {},
         )
 
     async def serve(self, *, task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED) -> None:
@@ -233,6 +246,8 @@ class Server:
                 await root.start(self.hub.run)
                 await root.start(self.hub.broker.run)
                 await root.start(self._heartbeats.run)
+                if self.webhooks is not None:
+                    await root.start(self.webhooks.run)
                 if self._queue_total.limit:
                     root.start_soon(self._shed_loop)
                 if self.handle_signals:
@@ -248,6 +263,9 @@ class Server:
             for lst in self._listeners:
                 for s in lst.sockets:
                     listeners.close_listener(s)
+            if self.backend is not None:
+                with trio.CancelScope(shield=True):
+                    await self.backend.aclose()
 
     async def drain(self, timeout: float | None = None) -> None:
         """Close gracefully: stop accepting, report not-ready, deliver everything
@@ -276,6 +294,8 @@ class Server:
         with trio.move_on_at(deadline):
             while self._connections:
                 await self._conn_gone.park()
+        if self.webhooks is not None:
+            await self.webhooks.flush(deadline)
         self._listeners[0].accept_scope.cancel()
         self._idle.close()
         await self._drain_done.wait()
@@ -391,9 +411,14 @@ class Server:
             if upgrade is not None:
                 nursery = self._listeners[0].nursery
                 assert nursery is not None
+                admitted = upgrade.admitted
                 conn = WebSocketConnection(transport, self.config, nursery, remote, upgrade.trailing,
-                                           queue_total=self._queue_total, heartbeats=self._heartbeats)
-                self._authenticate(conn, upgrade.token)
+                                           queue_total=self._queue_total, heartbeats=self._heartbeats,
+                                           conn_id=admitted.conn_id if admitted else None)
+                if admitted is not None:  # the connect proxy let it in
+                    conn.set_claims(admitted.claims)
+                else:
+                    self._authenticate(conn, upgrade.token)
                 # The upgrade's reserved slot becomes the connection itself:
                 # _run_connection counts it before its first checkpoint.
                 self._admission.release()
@@ -422,7 +447,7 @@ class Server:
             assert nursery is not None
             conn = TcpConnection(transport, self.config, nursery, remote, queue_total=self._queue_total,
                                  heartbeats=self._heartbeats)
-            if self.config.anonymous_allowed:
+            if self.config.anonymous_allowed and not self.config.connect_proxied:
                 # Otherwise a TCP client authenticates with its first line, {"op":"connect"}.
                 conn.set_claims(ANONYMOUS)
             await self._run_connection(conn, self.tcp_handler)
@@ -467,6 +492,8 @@ class Server:
             conn.start_close(CloseCode.GOING_AWAY)
         try:
             try:
+                if conn.state is ConnectionState.OPEN and conn.claims is not None:
+                    self.connected(conn)  # a TCP client without claims: after its connect
                 if conn.state is ConnectionState.OPEN and self.on_connect is not None:
                     try:
                         await self.on_connect(conn)
@@ -486,6 +513,8 @@ class Server:
             topics = self.hub.topics_of(conn)
             self.hub.unsubscribe_all(conn)
             leave_all(self, conn, topics)
+            self.connection_event("disconnect", conn, code=conn.close_code or CloseCode.ABNORMAL,
+                                  reason=conn.close_reason or "")
             if self.on_disconnect is not None:
                 try:
                     self.on_disconnect(conn)

@@ -27,3 +27,7 @@ class ServerStatistics:
     hub: HubStatistics
     #: Which worker of ``serve --workers N`` this is (None for a single process).
     worker_id: int | None = None
+    #: Backend proxy calls by outcome ("allowed", "refused", "unavailable"); empty without a proxy.
+    proxy_calls: dict[str, int] = attrs.Factory(dict)
+    #: Webhook counters ("delivered", "dropped", "failed_posts", "queued"); empty without webhooks.
+    webhooks: dict[str, int] = attrs.Factory(dict)
