@@ -81,8 +81,8 @@ class HttpBackend:
 
     async def connect(self, request: ConnectRequest) -> ConnectResult:
         assert self.config.proxy_connect_url is not None
-        body = {"client": request.client, "transport": request.transport, "remote": request.remote,
-                "headers": request.headers}
+        body = {"client": request.client, "transport": request.transport,
+                "remote": _ip(request.remote), "headers": request.headers}
         result = await self._call("connect", self.config.proxy_connect_url, body)
         user = result.get("user") if isinstance(result, dict) else None
         data = result.get("data") if isinstance(result, dict) else None
@@ -162,6 +162,14 @@ class HttpBackend:
         self.calls["unavailable"] += 1
         log.warning("%s proxy: %s", what, problem)
         raise BackendUnavailable(f"the application's backend failed: {problem}")
+
+
+def _ip(remote: str | None) -> str | None:
+    """The address of a peer's ``host:port`` (``[v6]:port``)."""
+    if remote is None:
+        return None
+    host = remote.rpartition(":")[0] or remote
+    return host[1:-1] if host.startswith("[") else host
 
 
 def _caller(caller: CallerInfo) -> dict[str, Any]:

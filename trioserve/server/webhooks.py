@@ -90,10 +90,11 @@ class Webhooks:
             self._wakeup.set()
 
     def _trim(self) -> None:
-        over = self.queued - self.config.webhooks_queue_size
+        # The batch in flight is not counted: it may yet be delivered, and if it
+        # fails it comes back to the head of the queue and is trimmed then, oldest first.
+        over = len(self._queue) - self.config.webhooks_queue_size
         if over <= 0:
             return
-        over = min(over, len(self._queue))
         for _ in range(over):
             self._queue.popleft()
         if self.dropped == 0 or (self.dropped + over) // 1000 > self.dropped // 1000:
