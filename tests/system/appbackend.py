@@ -66,6 +66,7 @@ class AppBackend:
                     self.wfile.write(data)
                 except OSError:
                     pass  # the server gave up on this call (proxy_timeout)
+                backend._notify()  # what the reply function recorded is visible now
 
             def log_message(self, format: str, *args: Any) -> None:
                 pass
@@ -80,6 +81,9 @@ class AppBackend:
     def _record(self, received: Received) -> None:
         with self._lock:
             self.received.append(received)
+        self._notify()
+
+    def _notify(self) -> None:
         try:
             trio.from_thread.run_sync(self._wake, trio_token=self._token)
         except trio.RunFinishedError:
@@ -101,7 +105,7 @@ class AppBackend:
         return found[:count]
 
     async def wait_until(self, predicate: Callable[[], bool], timeout: float = 10) -> None:
-        """Wait for *predicate* over the requests to hold; checked after each request."""
+        """Wait for *predicate* to hold; checked as each request arrives and is answered."""
         with trio.fail_after(timeout):
             while not predicate():
                 await self._changed.wait()
