@@ -149,3 +149,27 @@ async def test_a_drain_flushes_the_queue(start_server: Any) -> None:
 async def _answer_close(ws: RawWebSocket) -> None:
     async with ws.stream:
         await ws.wait_closed()
+
+
+async def test_on_unsubscribe_hook_sees_each_unsubscribe_and_a_failing_hook_is_logged(
+        start_server: Any, caplog: pytest.LogCaptureFixture) -> None:
+    seen: list[tuple[int, str]] = []
+
+    def on_unsubscribe(conn: Any, topic: str) -> None:
+        seen.append((conn.id, topic))
+        if topic == "boom":
+            raise RuntimeError("the application's bug")
+
+    rs = await start_server({"on_unsubscribe": on_unsubscribe})
+    with trio.fail_after(LIMIT):
+        ws = await RawWebSocket.connect(rs.port)
+        async with ws.stream:
+            for topic in ("a", "boom"):
+                await ws.request({"op": "subscribe", "topic": topic, "id": 1})
+                assert (await ws.request({"op": "unsubscribe", "topic": topic, "id": 2}))["ok"] is True
+            # Not subscribed any more: no second call.
+            assert (await ws.request({"op": "unsubscribe", "topic": "a", "id": 3}))["ok"] is True
+            assert (await ws.request({"op": "ping", "id": 4}))["ok"] is True
+    (conn_id,) = {c for c, _ in seen}
+    assert seen == [(conn_id, "a"), (conn_id, "boom")]
+    assert "on_unsubscribe failed" in caplog.text
