@@ -513,8 +513,9 @@ class Server(ApplicationLink):
             topics = self.hub.topics_of(conn)
             self.hub.unsubscribe_all(conn)
             leave_all(self, conn, topics)
-            self.connection_event("disconnect", conn, code=conn.close_code or CloseCode.ABNORMAL,
-                                  reason=conn.close_reason or "")
+            if conn.claims is not None:  # it was let in: the application heard of it
+                self.connection_event("disconnect", conn, code=conn.close_code or CloseCode.ABNORMAL,
+                                      reason=conn.close_reason or "")
             if self.on_disconnect is not None:
                 try:
                     self.on_disconnect(conn)
