@@ -172,14 +172,14 @@ class Config:
     # --- application backend: proxy and webhooks (docs/backend.md) -----------------------
     #: POSTed on every WebSocket upgrade, SSE stream and TCP ``connect`` without a valid
     #: token; the backend allows (``user`` becomes the client id) or refuses.
-    proxy_connect_url: str | None = attrs.field(default=None, validator=check_optional_url)
+    proxy_connect_url: str | None = attrs.field(default=None, validator=check_optional_url, repr=url_repr)
     #: POSTed before every client subscribe; a refusal is ``forbidden``.
-    proxy_subscribe_url: str | None = attrs.field(default=None, validator=check_optional_url)
+    proxy_subscribe_url: str | None = attrs.field(default=None, validator=check_optional_url, repr=url_repr)
     #: POSTed before every client publish; it decides (instead of ``client_publish``) and
     #: may replace the data.
-    proxy_publish_url: str | None = attrs.field(default=None, validator=check_optional_url)
+    proxy_publish_url: str | None = attrs.field(default=None, validator=check_optional_url, repr=url_repr)
     #: Where ``{"op": "rpc"}`` is forwarded.
-    proxy_rpc_url: str | None = attrs.field(default=None, validator=check_optional_url)
+    proxy_rpc_url: str | None = attrs.field(default=None, validator=check_optional_url, repr=url_repr)
     #: Seconds one backend call may take; then 503 / ``unavailable``.
     proxy_timeout: float = attrs.field(default=3.0, validator=check_positive)
     #: Request headers of an upgrade or SSE request forwarded to the connect proxy.
@@ -188,7 +188,7 @@ class Config:
     #: Backend calls in flight at once over all connections; more get 503 / ``unavailable``.
     proxy_max_in_flight: int = attrs.field(default=1000, validator=check_positive)
     #: Receives connect, disconnect and unsubscribe events in signed batches.
-    webhooks_url: str | None = attrs.field(default=None, validator=check_optional_url)
+    webhooks_url: str | None = attrs.field(default=None, validator=check_optional_url, repr=url_repr)
     #: Key of each batch's HMAC-SHA256 signature (``X-Trioserve-Signature``).
     webhooks_secret: str | None = attrs.field(default=None, validator=check_optional_secret,
                                               repr=secret_repr)

@@ -26,6 +26,7 @@ import orjson
 import trio
 
 from ..config import Config
+from ..config.checks import redact_url
 from ..net.connection import Connection
 
 __all__ = ["BATCH_WINDOW", "SIGNATURE_HEADER", "Webhooks", "connection_event", "sign"]
@@ -60,6 +61,7 @@ class Webhooks:
     def __init__(self, config: Config):
         assert config.webhooks_url is not None
         self.url = config.webhooks_url
+        self._shown = redact_url(self.url)  # for logs: no password from the URL
         self.config = config
         self._queue: collections.deque[dict[str, Any]] = collections.deque()
         #: Events taken from the queue by the POST in flight (back at its head if it fails).
@@ -101,7 +103,7 @@ class Webhooks:
             # The first drop, then one line per thousand: a dead receiver must not flood the log.
             log.warning("webhook queue full (webhooks_queue_size %d): dropped the oldest events, "
                         "%d so far; is %s down?", self.config.webhooks_queue_size,
-                        self.dropped + over, self.url)
+                        self.dropped + over, self._shown)
         self.dropped += over
 
     async def flush(self, deadline: float) -> None:
@@ -111,7 +113,7 @@ class Webhooks:
         with trio.move_on_at(deadline):
             await self._idle.wait()
         if self.queued:
-            log.warning("drain: %d webhook events not delivered to %s", self.queued, self.url)
+            log.warning("drain: %d webhook events not delivered to %s", self.queued, self._shown)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with httpx.AsyncClient(timeout=self.config.proxy_timeout,
@@ -163,6 +165,6 @@ class Webhooks:
             if 200 <= resp.status_code < 300:
                 return True
             problem = f"HTTP status {resp.status_code}"
-        log.warning("webhook POST of %d events to %s failed (%s); retrying", len(batch), self.url,
+        log.warning("webhook POST of %d events to %s failed (%s); retrying", len(batch), self._shown,
                     problem)
         return False
