@@ -18,6 +18,7 @@ from trioserve.protocol.codes import CloseCode, ErrorCode, default_reason
         (CloseCode.INTERNAL_ERROR, "internal error"),
         (CloseCode.TRY_AGAIN_LATER, "server at capacity"),
         (CloseCode.UNAUTHORIZED, "unauthorized"),
+        (CloseCode.FORBIDDEN, "forbidden"),
         (CloseCode.HEARTBEAT_TIMEOUT, "heartbeat timeout"),
         (CloseCode.SLOW_CONSUMER, "slow consumer"),
         (CloseCode.RATE_LIMITED, "rate limited"),
@@ -50,6 +51,7 @@ def test_close_code_values() -> None:
         "INTERNAL_ERROR": 1011,
         "TRY_AGAIN_LATER": 1013,
         "UNAUTHORIZED": 4001,
+        "FORBIDDEN": 4003,
         "HEARTBEAT_TIMEOUT": 4002,
         "SLOW_CONSUMER": 4008,
         "RATE_LIMITED": 4029,
@@ -69,6 +71,7 @@ def test_error_code_values_are_wire_strings() -> None:
         "internal",
         "rate_limited",
         "too_many_subscriptions",
+        "rpc_error",
     }
     assert ErrorCode("unknown_op") is ErrorCode.UNKNOWN_OP
     assert isinstance(ErrorCode.BAD_REQUEST, str)

@@ -89,10 +89,22 @@ def test_subscribe_since_is_validated() -> None:
 @pytest.mark.parametrize("op", ["connect", "refresh"])
 def test_token_ops_need_a_token(op: str) -> None:
     assert parse_command('{"op":"' + op + '","token":"abc"}').fields["token"] == "abc"
-    for bad in ("", ',"token":""', ',"token":5'):
+    # connect without a token parses: the connect proxy, or the handler's bad_request.
+    for bad in ((',"token":""', ',"token":5') if op == "connect" else ("", ',"token":""', ',"token":5')):
         with pytest.raises(ProtocolError) as info:
             parse_command('{"op":"' + op + '"' + bad + "}")
         assert info.value.code is ErrorCode.BAD_REQUEST and "token" in info.value.message
+    if op == "connect":
+        assert "token" not in parse_command('{"op":"connect"}').fields
+
+
+def test_rpc_needs_a_method() -> None:
+    cmd = parse_command('{"op":"rpc","method":"whoami","data":[1],"id":4}')
+    assert cmd.fields["method"] == "whoami" and cmd.fields["data"] == [1] and cmd.id == 4
+    for bad in ("", ',"method":""', ',"method":5', ',"method":"' + "m" * 201 + '"'):
+        with pytest.raises(ProtocolError) as info:
+            parse_command('{"op":"rpc"' + bad + "}")
+        assert info.value.code is ErrorCode.BAD_REQUEST and "method" in info.value.message
 
 
 def test_presence_needs_a_topic() -> None:

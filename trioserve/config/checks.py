@@ -107,6 +107,16 @@ def check_optional_secret(inst: object, attr: attrs.Attribute[Any], value: Any) 
         raise ConfigError(f"{attr.name} is empty; leave it unset instead")
 
 
+def check_optional_url(inst: object, attr: attrs.Attribute[Any], value: Any) -> None:
+    """An http:// or https:// URL of the application's backend, or None."""
+    if value is None:
+        return
+    check_optional_text(inst, attr, value)
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ConfigError(f"{attr.name} must be an http:// or https:// URL, got {value!r}")
+
+
 def type_name(value: object) -> str:
     """What *value* is, without what it says: for messages about secrets."""
     if isinstance(value, bool):

@@ -29,6 +29,7 @@ from .checks import (
     check_optional_secret,
     check_optional_strings,
     check_optional_text,
+    check_optional_url,
     check_origin,
     check_patterns,
     check_port,
@@ -171,6 +172,34 @@ class Config:
         default=(), converter=to_tuple, validator=check_patterns
     )
 
+    # --- application backend: proxy and webhooks (docs/backend.md) -----------------------
+    #: POSTed on every WebSocket upgrade, SSE stream and TCP ``connect`` without a valid
+    #: token; the backend allows (``user`` becomes the client id) or refuses.
+    proxy_connect_url: str | None = attrs.field(default=None, validator=check_optional_url, repr=url_repr)
+    #: POSTed before every client subscribe; a refusal is ``forbidden``.
+    proxy_subscribe_url: str | None = attrs.field(default=None, validator=check_optional_url, repr=url_repr)
+    #: POSTed before every client publish; it decides (instead of ``client_publish``) and
+    #: may replace the data.
+    proxy_publish_url: str | None = attrs.field(default=None, validator=check_optional_url, repr=url_repr)
+    #: Where ``{"op": "rpc"}`` is forwarded.
+    proxy_rpc_url: str | None = attrs.field(default=None, validator=check_optional_url, repr=url_repr)
+    #: Seconds one backend call may take; then 503 / ``unavailable``.
+    proxy_timeout: float = attrs.field(default=3.0, validator=check_positive)
+    #: Request headers of an upgrade or SSE request forwarded to the connect proxy.
+    proxy_headers: tuple[str, ...] = attrs.field(default=("Cookie", "Authorization"),
+                                                 converter=to_tuple, validator=check_strings)
+    #: Backend calls in flight at once over all connections; more get 503 / ``unavailable``.
+    proxy_max_in_flight: int = attrs.field(default=1000, validator=check_positive)
+    #: Receives connect, disconnect and unsubscribe events in signed batches.
+    webhooks_url: str | None = attrs.field(default=None, validator=check_optional_url, repr=url_repr)
+    #: Key of each batch's HMAC-SHA256 signature (``X-Trioserve-Signature``).
+    webhooks_secret: str | None = attrs.field(default=None, validator=check_optional_secret,
+                                              repr=secret_repr)
+    #: Events one webhook POST carries at most.
+    webhooks_batch_size: int = attrs.field(default=100, validator=check_positive)
+    #: Events waiting for delivery (retries included); over it the oldest are dropped.
+    webhooks_queue_size: int = attrs.field(default=10_000, validator=check_positive)
+
     # --- logging ------------------------------------------------------------------------
     log_level: str = attrs.field(default="info", converter=to_lower, validator=one_of(LOG_LEVELS))
     log_format: str = attrs.field(default="text", converter=to_lower, validator=one_of(LOG_FORMATS))
@@ -190,6 +219,9 @@ class Config:
         for origin in self.allowed_origins:
             check_origin(origin)
         self._check_workers()
+        if self.webhooks_secret is not None and self.webhooks_url is None:
+            raise ConfigError("webhooks_secret is set but webhooks_url is not; set the receiver's URL "
+                              "or drop the secret")
 
     def _check_workers(self) -> None:
         memory = self.broker.lower() == "memory://"
@@ -268,6 +300,11 @@ class Config:
     def embedded_broker(self) -> bool:
         """Workers share topics through their supervisor (``workers > 1``, ``memory://``)."""
         return self.workers > 1 and self.broker.lower() == "memory://"
+
+    @property
+    def connect_proxied(self) -> bool:
+        """Connections without a valid token ask the backend (``proxy_connect_url``)."""
+        return self.proxy_connect_url is not None
 
     @property
     def tls_enabled(self) -> bool:

@@ -37,7 +37,7 @@ _RULE_KEYS = ("pattern", "size", "ttl")
 #: File paths that a config file gives relative to itself.
 _PATH_KEYS = (KEY_FILE, "certfile", "keyfile")
 #: Options whose values must never appear in an error message (or a log).
-_SECRETS = frozenset({"token_secret", "api_key", "broker_password"})
+_SECRETS = frozenset({"token_secret", "api_key", "broker_password", "webhooks_secret"})
 _TRUE = ("1", "true", "yes")
 _FALSE = ("0", "false", "no")
 
@@ -151,6 +151,30 @@ _HELP: tuple[tuple[str, str, str, Any], ...] = (
      "Per-topic size and ttl; the first rule whose glob pattern matches wins.", None),
     ("presence", "presence_events",
      'Topic globs whose subscribers get join/leave events, e.g. ["chat.*"].', None),
+    ("backend", "proxy_connect_url",
+     "POST each connection without a valid token (WebSocket upgrade, SSE, TCP connect) here; "
+     "the backend allows it as a user or refuses it (docs/backend.md).", "http://127.0.0.1:3000/connect"),
+    ("backend", "proxy_subscribe_url",
+     "POST each client subscribe here; a refusal is the forbidden error.", "http://127.0.0.1:3000/subscribe"),
+    ("backend", "proxy_publish_url",
+     "POST each client publish here; the backend decides (not client_publish) and may replace the data.",
+     "http://127.0.0.1:3000/publish"),
+    ("backend", "proxy_rpc_url", 'Forward {"op":"rpc"} here; the answer is the reply.',
+     "http://127.0.0.1:3000/rpc"),
+    ("backend", "proxy_timeout",
+     "Seconds one backend call may take; then HTTP 503 / the unavailable error.", None),
+    ("backend", "proxy_headers", "Headers of an upgrade or SSE request forwarded to the connect proxy.",
+     None),
+    ("backend", "proxy_max_in_flight",
+     "Backend calls in flight at once; more get HTTP 503 / the unavailable error.", None),
+    ("backend", "webhooks_url",
+     "POST connect, disconnect and unsubscribe events here, in batches.", "http://127.0.0.1:3000/webhook"),
+    ("backend", "webhooks_secret",
+     "Sign each webhook batch with HMAC-SHA256 under this key (header X-Trioserve-Signature).",
+     "CHANGE-ME"),
+    ("backend", "webhooks_batch_size", "Events one webhook POST carries at most.", None),
+    ("backend", "webhooks_queue_size",
+     "Webhook events waiting for delivery; over it the oldest are dropped (and counted).", None),
     ("logging", "log_level", 'One of "debug", "info", "warning", "error".', None),
     ("logging", "log_format", '"text", or "json" for one JSON object per line.', None),
 )

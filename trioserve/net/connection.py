@@ -41,11 +41,18 @@ __all__ = [
     "ConnectionStatistics",
     "Framing",
     "QueueTotal",
+    "next_connection_id",
 ]
 
 log = logging.getLogger("trioserve.connection")
 
 _ids = itertools.count(1)
+
+
+def next_connection_id() -> int:
+    """A connection id taken before the connection exists: the connect proxy names
+    an upgrade with the id its connection will have (``Connection(conn_id=...)``)."""
+    return next(_ids)
 
 #: A connection that sends this many times ``rate_burst`` messages beyond its
 #: allowance (it kept going after ``rate_limited`` replies) is closed with 4029.
@@ -123,6 +130,7 @@ class Connection(Sender):
         *,
         queue_total: QueueTotal | None = None,
         heartbeats: Heartbeats | None = None,
+        conn_id: int | None = None,
     ):
         self._transport = transport
         self._total = _NO_TOTAL if queue_total is None else queue_total
@@ -134,7 +142,7 @@ class Connection(Sender):
         self._task = trio.lowlevel.current_task()
         self.remote = remote
         #: A number unique within the process, shown in presence as ``c<id>``.
-        self.id = next(_ids)
+        self.id = next(_ids) if conn_id is None else conn_id
         #: Who this is and what it may do; None until authenticated (TCP ``connect``).
         self.claims: Claims | None = None
         self._expires_at: float | None = None

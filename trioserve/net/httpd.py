@@ -19,11 +19,12 @@ import trio
 
 from ..config import Config
 from ..protocol import deflate, websocket
+from ..protocol.claims import Claims
 from ..protocol.codes import ErrorCode
 from .admission import Admission, IdleScopes
 from .transport import Transport
 
-__all__ = ["HttpSite", "Request", "Response", "RouteHandler", "Router", "Upgrade", "json_error",
+__all__ = ["Admitted", "HttpSite", "Request", "Response", "RouteHandler", "Router", "Upgrade", "json_error",
            "json_response", "serve_http"]
 
 log = logging.getLogger("trioserve.http")
@@ -72,6 +73,21 @@ class Upgrade:
     path: str
     #: permessage-deflate was negotiated (see :mod:`trioserve.protocol.deflate`).
     deflate: bool = False
+    #: What the server's upgrade gate (the connect proxy) decided, if it did.
+    admitted: Admitted | None = None
+
+
+@attrs.frozen
+class Admitted:
+    """An upgrade the gate let in: the connection's id and claims are decided."""
+
+    conn_id: int
+    claims: Claims
+
+
+#: Asked before a 101 with the request, its token, and the peer: None lets the
+#: upgrade go on as usual, a Response refuses it, Admitted decides who it is.
+UpgradeGate = Callable[[Request, "str | None"], Awaitable["Response | Admitted | None"]]
 
 
 def json_response(status: int, obj: Any, headers: list[tuple[bytes, bytes]] | None = None) -> Response:
@@ -122,6 +138,7 @@ class HttpSite:
     router: Router
     #: The paths that take WebSocket upgrades (the server's handlers by path).
     websocket_paths: Container[str]
+    gate: UpgradeGate | None = None
 
 
 class _BodyTooLarge(Exception):
@@ -312,7 +329,17 @@ async def _upgrade(h: h11.Connection, transport: Transport, site: HttpSite,
     # every upgrade in flight passes the check.
     admission.reserve()
     try:
-        upgrade = await _finish_upgrade(h, transport, req_headers, headers, path, query)
+        admitted = None
+        if site.gate is not None:
+            token = _token(req_headers, query)
+            verdict = await site.gate(Request(request.method.decode("ascii"), path, {}, req_headers,
+                                              b"", remote), token)
+            if isinstance(verdict, Response):
+                await _refuse(h, transport, verdict)
+                admission.release()
+                return None
+            admitted = verdict
+        upgrade = await _finish_upgrade(h, transport, req_headers, headers, path, query, admitted)
     except BaseException:
         admission.release()
         raise
@@ -322,7 +349,8 @@ async def _upgrade(h: h11.Connection, transport: Transport, site: HttpSite,
 
 
 async def _finish_upgrade(h: h11.Connection, transport: Transport, req_headers: list[tuple[bytes, bytes]],
-                          headers: list[tuple[bytes, bytes]], path: str, query: str) -> Upgrade | None:
+                          headers: list[tuple[bytes, bytes]], path: str, query: str,
+                          admitted: Admitted | None = None) -> Upgrade | None:
     try:
         event = await _next_event(h, transport)
         if isinstance(event, h11.EndOfMessage):
@@ -341,7 +369,7 @@ async def _finish_upgrade(h: h11.Connection, transport: Transport, req_headers: 
     except OSError:
         return None
     deflated = any(name == b"sec-websocket-extensions" for name, _ in headers)
-    return Upgrade(bytes(trailing), _token(req_headers, query), path, deflated)
+    return Upgrade(bytes(trailing), _token(req_headers, query), path, deflated, admitted)
 
 
 def _header(headers: Sequence[tuple[bytes, bytes]], name: bytes) -> bytes | None:

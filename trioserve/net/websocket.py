@@ -50,9 +50,10 @@ class WebSocketConnection(Connection):
         *,
         queue_total: QueueTotal | None = None,
         heartbeats: Heartbeats | None = None,
+        conn_id: int | None = None,
     ):
         super().__init__(transport, config, nursery, remote, queue_total=queue_total,
-                         heartbeats=heartbeats)
+                         heartbeats=heartbeats, conn_id=conn_id)
         self._ws = WSConnection(ConnectionType.SERVER, self._extensions())
         self._parts: list[str | bytes] | None = None
         self._parts_size = 0

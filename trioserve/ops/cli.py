@@ -272,6 +272,36 @@ def main() -> None:
          help="Publications kept per topic for late subscribers; 0 keeps none.")
 @_option("--history-ttl", type=click.FloatRange(min=0, min_open=True), default=_DEFAULTS.history_ttl,
          help="Seconds a kept publication stays available.")
+@_option("--proxy-connect-url", default=None, metavar="URL",
+         help="POST each connection without a valid token (WebSocket upgrade, SSE, TCP connect) to "
+              "the application's backend, which allows it as a user or refuses it.  [default: off]")
+@_option("--proxy-subscribe-url", default=None, metavar="URL",
+         help="POST each client subscribe to the backend; a refusal is the forbidden error.  "
+              "[default: off]")
+@_option("--proxy-publish-url", default=None, metavar="URL",
+         help="POST each client publish to the backend, which decides (instead of --client-publish) "
+              "and may replace the data.  [default: off]")
+@_option("--proxy-rpc-url", default=None, metavar="URL",
+         help='Forward {"op":"rpc"} to the backend; its result or error is the reply.  [default: off]')
+@_option("--proxy-timeout", type=click.FloatRange(min=0, min_open=True), default=_DEFAULTS.proxy_timeout,
+         help="Seconds one backend call may take; then HTTP 503 / the unavailable error.")
+@_option("--proxy-header", field="proxy_headers", multiple=True, metavar="NAME",
+         show_default="Cookie, Authorization",
+         help="A request header forwarded to the connect proxy; repeat for more. "
+              "The variable takes a comma-separated list.")
+@_option("--proxy-max-in-flight", type=click.IntRange(1), default=_DEFAULTS.proxy_max_in_flight,
+         help="Backend calls in flight at once; more get HTTP 503 / the unavailable error.")
+@_option("--webhooks-url", default=None, metavar="URL",
+         help="POST connect, disconnect and unsubscribe events to this URL in signed batches.  "
+              "[default: off]")
+@_option("--webhooks-secret", default=None, metavar="SECRET",
+         help="HMAC-SHA256 key signing each webhook batch (header X-Trioserve-Signature). Prefer "
+              "TRIOSERVE_WEBHOOKS_SECRET: other users can see command lines.  [default: unsigned]")
+@_option("--webhooks-batch-size", type=click.IntRange(1), default=_DEFAULTS.webhooks_batch_size,
+         help="Events one webhook POST carries at most (a batch also goes every 100 ms).")
+@_option("--webhooks-queue-size", type=click.IntRange(1), default=_DEFAULTS.webhooks_queue_size,
+         help="Webhook events waiting for delivery, retries included; over it the oldest are "
+              "dropped, logged and counted (trioserve_webhook_events_dropped_total).")
 @_option("--log-level", type=click.Choice(LOG_LEVELS), default=_DEFAULTS.log_level,
          help="Logging verbosity.")
 @_option("--log-format", type=click.Choice(LOG_FORMATS), default=_DEFAULTS.log_format,

@@ -44,7 +44,8 @@ from ..push.brokers.inhost import InHostBroker
 from ..push.history import History
 from ..push.hub import Hub
 from ..server import metrics
-from ..server.server import Server, server_routes
+from ..server.routes import server_routes
+from ..server.server import Server
 
 __all__ = ["CONFIG_FILE", "Worker", "broker_path", "control_path", "read_worker_config",
            "write_worker_config"]

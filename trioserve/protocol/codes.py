@@ -22,6 +22,8 @@ class CloseCode(enum.IntEnum):
     INTERNAL_ERROR = 1011
     TRY_AGAIN_LATER = 1013
     UNAUTHORIZED = 4001
+    #: The application's backend refused the connection (connect proxy).
+    FORBIDDEN = 4003
     HEARTBEAT_TIMEOUT = 4002
     SLOW_CONSUMER = 4008
     RATE_LIMITED = 4029
@@ -38,6 +40,7 @@ _REASONS = {
     CloseCode.INTERNAL_ERROR: "internal error",
     CloseCode.TRY_AGAIN_LATER: "server at capacity",
     CloseCode.UNAUTHORIZED: "unauthorized",
+    CloseCode.FORBIDDEN: "forbidden",
     CloseCode.HEARTBEAT_TIMEOUT: "heartbeat timeout",
     CloseCode.SLOW_CONSUMER: "slow consumer",
     CloseCode.RATE_LIMITED: "rate limited",
@@ -66,3 +69,5 @@ class ErrorCode(enum.StrEnum):
     INTERNAL = "internal"
     RATE_LIMITED = "rate_limited"
     TOO_MANY_SUBSCRIPTIONS = "too_many_subscriptions"
+    #: The application's backend answered an rpc with an error (its code is ``error.status``).
+    RPC_ERROR = "rpc_error"

@@ -99,6 +99,19 @@ def _needs_token(cmd: dict[str, Any], id: Any) -> None:
         raise ProtocolError(ErrorCode.BAD_REQUEST, "'token' must be a non-empty string", id)
 
 
+def _check_connect(cmd: dict[str, Any], id: Any) -> None:
+    # Without a token, a server with a connect proxy asks the application's
+    # backend (docs/backend.md); the handler refuses it on any other server.
+    if "token" in cmd:
+        _needs_token(cmd, id)
+
+
+def _check_rpc(cmd: dict[str, Any], id: Any) -> None:
+    method = cmd.get("method")
+    if not isinstance(method, str) or not 0 < len(method) <= 200:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "'method' must be a string of 1-200 characters", id)
+
+
 def _check_publish(cmd: dict[str, Any], id: Any) -> None:
     _needs_topic(cmd, id)
     if "data" not in cmd:
@@ -115,8 +128,9 @@ _VALIDATORS: dict[str, Callable[[dict[str, Any], Any], None]] = {
     "publish": _check_publish,
     "ping": _no_fields,
     "presence": _needs_topic,
-    "connect": _needs_token,
+    "connect": _check_connect,
     "refresh": _needs_token,
+    "rpc": _check_rpc,
 }
 KNOWN_OPS = frozenset(_VALIDATORS)
 
@@ -161,11 +175,12 @@ def encode_reply(id: Any = None, **fields: Any) -> bytes:
     return orjson.dumps(body)
 
 
-def encode_error(code: ErrorCode | str, message: str, id: Any = None) -> bytes:
+def encode_error(code: ErrorCode | str, message: str, id: Any = None, **extra: Any) -> bytes:
+    """``{"id": ..., "ok": false, "error": {"code", "message", ...extra}}``."""
     body: dict[str, Any] = {} if id is None else {"id": id}
     body["ok"] = False
     body["error"] = {"code": str(code.value if isinstance(code, ErrorCode) else code),
-                     "message": message}
+                     "message": message, **extra}
     return orjson.dumps(body)
 
 

@@ -9,7 +9,7 @@ what it needs of each, and nothing of sockets.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, Protocol, cast
+from typing import Any, Protocol, TypeVar, cast
 
 import orjson
 
@@ -23,6 +23,7 @@ from ..protocol.messages import (
     encode_reply,
     parse_command,
 )
+from .backend import Backend, BackendRefused, BackendUnavailable, CallerInfo, ConnectRequest, proxied_claims
 from .brokers import BrokerUnavailable
 from .hub import Subscriber
 from .service import HubContext, PublishRefused, publish, publish_many
@@ -38,6 +39,9 @@ class Client(Subscriber, Protocol):
 
     @property
     def transport_name(self) -> str: ...
+
+    @property
+    def remote(self) -> str | None: ...
 
     @property
     def claims(self) -> Claims | None: ...
@@ -75,6 +79,19 @@ class PushContext(HubContext, Protocol):
     def identify(self, conn: Any) -> None:
         """*conn*'s claims changed (``connect``): index it by its user for the server API."""
 
+    @property
+    def backend(self) -> Backend | None:
+        """The application's backend (the ``proxy_*_url`` settings), or None."""
+
+    def unsubscribed(self, conn: Any, topic: str) -> None:
+        """*conn* unsubscribed from *topic* (the ``on_unsubscribe`` hook, a webhook)."""
+
+    def connected(self, conn: Any) -> None:
+        """*conn*, which started without claims (TCP), has just got them with ``connect``."""
+
+
+_T = TypeVar("_T")
+
 #: Publications one recovering subscribe reply may carry, in bytes.
 MAX_RECOVERY_BYTES = 1024 * 1024 - 4096
 
@@ -107,7 +124,7 @@ async def _handle_one(conn: Client, server: PushContext, message: str | bytes) -
             conn.start_close(CloseCode.UNAUTHORIZED,
                              'unauthorized: send {"op":"connect","token":...} first')
             return None
-        if cmd.op == "publish" and server.hub.broker.pipelined:
+        if cmd.op == "publish" and server.hub.broker.pipelined and not _publish_proxied(server):
             return await _publish_run(conn, server, cmd)
         reply = await _dispatch(conn, server, cmd)
     except ProtocolError as exc:
@@ -166,7 +183,14 @@ async def _publish_run(conn: Client, server: PushContext, first: Command) -> str
     return leftover
 
 
+def _publish_proxied(server: PushContext) -> bool:
+    backend = server.backend
+    return backend is not None and backend.publish_proxied
+
+
 def _check_publish(conn: Client, server: PushContext, cmd: Command) -> None:
+    if _publish_proxied(server):
+        return  # the backend decides, for every client (_dispatch)
     claims = conn.claims
     assert claims is not None
     allowed = server.config.client_publish if claims.anonymous else claims.may_publish(cmd.topic)
@@ -232,11 +256,16 @@ async def _dispatch(conn: Client, server: PushContext, cmd: Command) -> bytes:
     if op == "unsubscribe":
         if hub.unsubscribe(conn, cmd.topic):
             _member(server, conn, cmd.topic, "leave")
+            server.unsubscribed(conn, cmd.topic)
         return encode_reply(cmd.id, topic=cmd.topic)
     if op == "publish":
         _check_publish(conn, server, cmd)
+        data = cmd.fields["data"]
+        backend = server.backend
+        if backend is not None and backend.publish_proxied:
+            data = await _ask(cmd, backend.publish(_caller(server, conn), cmd.topic, data))
         try:
-            result = await publish(hub, cmd.topic, cmd.fields["data"], wait=True)
+            result = await publish(hub, cmd.topic, data, wait=True)
         except PublishRefused as exc:
             raise ProtocolError(exc.code, exc.message, cmd.id) from None
         return encode_reply(cmd.id, offset=result.offset, subscribers=result.subscribers)
@@ -256,7 +285,11 @@ async def _dispatch(conn: Client, server: PushContext, cmd: Command) -> bytes:
             clients += others
         return encode_reply(cmd.id, topic=cmd.topic, clients=clients)
     if op in ("connect", "refresh"):
+        if op == "connect" and "token" not in cmd.fields:
+            return await _connect_proxy(conn, server, cmd)
         return _authenticate(conn, server, cmd)
+    if op == "rpc":
+        return await _rpc(conn, server, cmd)
     custom = server.ops.get(op)
     if custom is not None:
         return encode_reply(cmd.id, **(await custom(conn, cmd) or {}))
@@ -274,6 +307,10 @@ async def _subscribe(conn: Client, server: PushContext, cmd: Command, claims: Cl
         raise ProtocolError(ErrorCode.TOO_MANY_SUBSCRIPTIONS,
                             f"at most {limit} subscriptions per connection (max_subscriptions); "
                             "unsubscribe from one first", cmd.id)
+    backend = server.backend
+    if backend is not None and backend.subscribe_proxied:
+        # Before the hook and the broker: a refused subscribe changes nothing.
+        await _ask(cmd, backend.subscribe(_caller(server, conn), topic))
     if server.on_subscribe is not None:
         try:
             server.on_subscribe(conn, topic)
@@ -319,6 +356,60 @@ async def _subscribe(conn: Client, server: PushContext, cmd: Command, claims: Cl
     return encode_reply(cmd.id, topic=topic, **fields)
 
 
+def _caller(server: PushContext, conn: Client) -> CallerInfo:
+    claims = conn.claims
+    # An anonymous connection is user "" to the backend, as in Centrifugo.
+    user = "" if claims is None or claims.anonymous else claims.sub
+    return CallerInfo(client_info(conn, server.hub.broker.node)["conn"], user, conn.transport_name)
+
+
+async def _ask(cmd: Command, call: Awaitable[_T]) -> _T:
+    """A subscribe or publish proxy call: a refusal is ``forbidden``, a failure ``unavailable``."""
+    try:
+        return await call
+    except BackendRefused as exc:
+        raise _forbidden(cmd, exc.message or "refused by the application") from None
+    except BackendUnavailable as exc:
+        raise ProtocolError(ErrorCode.UNAVAILABLE, str(exc), cmd.id) from None
+
+
+async def _rpc(conn: Client, server: PushContext, cmd: Command) -> bytes:
+    backend = server.backend
+    if backend is None or not backend.rpc_proxied:
+        raise ProtocolError(ErrorCode.UNKNOWN_OP, "rpc needs proxy_rpc_url on the server", cmd.id)
+    try:
+        result = await backend.rpc(_caller(server, conn), cmd.fields["method"], cmd.fields.get("data"))
+    except BackendRefused as exc:
+        # The application's own error, with its own code: the client's to interpret.
+        return encode_error(ErrorCode.RPC_ERROR, exc.message, cmd.id, status=exc.code)
+    except BackendUnavailable as exc:
+        raise ProtocolError(ErrorCode.UNAVAILABLE, str(exc), cmd.id) from None
+    return encode_reply(cmd.id, result=result)
+
+
+async def _connect_proxy(conn: Client, server: PushContext, cmd: Command) -> bytes:
+    """``{"op": "connect"}`` without a token, on TCP: the connect proxy decides."""
+    backend = server.backend
+    if backend is None or not backend.connect_proxied:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "'token' must be a non-empty string", cmd.id)
+    if conn.claims is not None:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "already connected", cmd.id)
+    name = client_info(conn, server.hub.broker.node)["conn"]
+    try:
+        result = await backend.connect(ConnectRequest(name, conn.transport_name, conn.remote))
+    except BackendRefused as exc:
+        conn.start_close(CloseCode.FORBIDDEN, exc.message or "refused by the application")
+        raise _forbidden(cmd, exc.message or "refused by the application") from None
+    except BackendUnavailable as exc:
+        raise ProtocolError(ErrorCode.UNAVAILABLE, str(exc), cmd.id) from None
+    conn.set_claims(proxied_claims(server.config, result.user))
+    server.connected(conn)
+    fields: dict[str, Any] = {"client": result.user}
+    if result.data is not None:
+        fields["data"] = result.data
+    return encode_reply(cmd.id, **fields)
+
+
 def _authenticate(conn: Client, server: PushContext, cmd: Command) -> bytes:
     authenticator = server.authenticator
     if authenticator is None:
@@ -331,6 +422,9 @@ def _authenticate(conn: Client, server: PushContext, cmd: Command) -> bytes:
     if cmd.op == "refresh" and conn.claims is not None and claims.sub != conn.claims.sub:
         raise ProtocolError(ErrorCode.UNAUTHORIZED,
                             f"the new token is for {claims.sub!r}, not {conn.claims.sub!r}", cmd.id)
+    first = conn.claims is None
     conn.set_claims(claims)
     server.identify(conn)
+    if first:
+        server.connected(conn)
     return encode_reply(cmd.id, client=claims.sub)

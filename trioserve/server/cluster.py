@@ -182,6 +182,7 @@ class Cluster:
             if server.hub.unsubscribe(client, topic):
                 leave_all(server, client, frozenset((topic,)))
                 client.send_encoded(notice)
+                server.unsubscribed(client, topic)  # the on_unsubscribe hook and its webhook
                 count += 1
         return {"unsubscribed": count}
 

@@ -30,7 +30,7 @@ import math
 import os
 import weakref
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, Protocol
+from typing import Any
 
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
 from prometheus_client.exposition import choose_encoder
@@ -45,7 +45,7 @@ from prometheus_client.registry import Collector
 from ..net.httpd import Request, Response
 from ..protocol.codes import CloseCode
 from ..push.hub import LATENCY_BUCKETS
-from .stats import ServerStatistics
+from .stats import Observed, ServerStatistics
 
 __all__ = [
     "WORKER_LABEL",
@@ -73,23 +73,6 @@ _TRANSPORTS = (_WEBSOCKET, _TCP)
 # The "le" labels: for these bounds repr() matches the Go float formatting
 # Prometheus uses (prometheus_client.utils.floatToGoString, which is untyped).
 _LATENCY_BOUNDS = [*(repr(float(b)) for b in LATENCY_BUCKETS), "+Inf"]
-
-class _Queues(Protocol):
-    @property
-    def queued_bytes(self) -> int: ...
-
-    @property
-    def queued_frames(self) -> int: ...
-
-
-class Observed(Protocol):
-    """What the metrics read of a server (a :class:`trioserve.Server`)."""
-
-    def statistics(self) -> ServerStatistics: ...
-
-    @property
-    def connections(self) -> Iterable[_Queues]: ...
-
 
 _registries: weakref.WeakKeyDictionary[Observed, CollectorRegistry] = weakref.WeakKeyDictionary()
 
@@ -320,4 +303,32 @@ def _families(server: Observed) -> list[Metric]:
                           "Frames waiting in outbound queues, summed over connections.",
                           value=queued_frames),
         latency,
+        *_backend_families(s),
     ]
+
+
+def _backend_families(s: ServerStatistics) -> list[Metric]:
+    """The proxy's and the webhooks' counters, when they are configured."""
+    families: list[Metric] = []
+    if s.proxy_calls:
+        calls = CounterMetricFamily(
+            "trioserve_proxy_calls",
+            "Calls to the application's backend, by outcome: allowed, refused, or unavailable "
+            "(unreachable, timed out, a bad answer, or over proxy_max_in_flight).", labels=["outcome"])
+        for outcome, count in sorted(s.proxy_calls.items()):
+            calls.add_metric([outcome], count)
+        families.append(calls)
+    if s.webhooks:
+        w = s.webhooks
+        families += [
+            CounterMetricFamily("trioserve_webhook_events_delivered",
+                                "Webhook events the receiver accepted (2xx).", value=w["delivered"]),
+            CounterMetricFamily("trioserve_webhook_events_dropped",
+                                "Webhook events dropped, oldest first, because the queue was full "
+                                "(webhooks_queue_size).", value=w["dropped"]),
+            CounterMetricFamily("trioserve_webhook_failed_posts",
+                                "Webhook POSTs that failed and were retried.", value=w["failed_posts"]),
+            GaugeMetricFamily("trioserve_webhook_events_queued",
+                              "Webhook events waiting for delivery.", value=w["queued"]),
+        ]
+    return families

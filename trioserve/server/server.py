@@ -30,7 +30,7 @@ from ..net import listeners
 from ..net.admission import Admission, IdleScopes
 from ..net.connection import Connection, ConnectionClosed, ConnectionState, QueueTotal
 from ..net.heartbeat import Heartbeats
-from ..net.httpd import HttpSite, Request, Response, RouteHandler, Router, json_response, serve_http
+from ..net.httpd import HttpSite, RouteHandler, Router, serve_http
 from ..net.tcp import TcpConnection
 from ..net.transport import SocketTransport, TlsTransport, Transport
 from ..net.websocket import DeflateWebSocketConnection, WebSocketConnection
@@ -46,10 +46,13 @@ from ..push.hub import Hub
 from ..push.users import UserIndex
 from .admin import ADMIN_WS_PATH, admin_stream
 from .api_admin import admin_api_routes
-from .assets import asset_routes
+from .application import ApplicationLink
 from .auth import Authenticator
 from .cluster import Cluster, new_recent, recent
+from .proxy import HttpBackend
+from .routes import server_routes
 from .stats import ServerStatistics
+from .webhooks import Webhooks
 
 __all__ = ["Handler", "OpHandler", "Reject", "Server", "ServerStatistics", "server_routes"]
 
@@ -82,7 +85,7 @@ class _Listener:
     accept_scope: trio.CancelScope = attrs.Factory(trio.CancelScope)
 
 
-class Server:
+class Server(ApplicationLink):
     """A trioserve server: HTTP + WebSocket on one port, NDJSON over TCP on another.
 
     Run it inside your own nursery; ``start`` returns once every listener is
@@ -109,6 +112,7 @@ class Server:
         on_connect: Callable[[Connection], Awaitable[None]] | None = None,
         on_disconnect: Callable[[Connection], None] | None = None,
         on_subscribe: Callable[[Connection, str], None] | None = None,
+        on_unsubscribe: Callable[[Connection, str], None] | None = None,
         ssl_context: ssl.SSLContext | None = None,
     ):
         self.config = config or Config()
@@ -134,6 +138,12 @@ class Server:
         #: Called before a push-protocol subscribe; raise ProtocolError to refuse it.
         #: Synchronous on purpose: recovery and subscribing must not be split by a checkpoint.
         self.on_subscribe = on_subscribe
+        #: Called after a push-protocol unsubscribe that removed a subscription.
+        self.on_unsubscribe = on_unsubscribe
+        cfg = self.config
+        #: The application's backend (docs/backend.md): the ``proxy_*_url`` settings.
+        self.backend = HttpBackend.for_config(cfg)
+        self.webhooks = Webhooks(cfg) if cfg.webhooks_url is not None else None
         self.ops: dict[str, OpHandler] = {}
         #: ``ops``' names, kept as a frozenset for the parser on every message.
         self.op_names: frozenset[str] = frozenset()
@@ -154,7 +164,8 @@ class Server:
         self.ws_handlers[ADMIN_WS_PATH] = functools.partial(admin_stream, server=self, cluster=self.cluster)
         self._router = Router({**server_routes(self), **api_routes(self),
                                **admin_api_routes(self, self.cluster)})
-        self._http = HttpSite(self.config, self._admission, self._idle, self._router, self.ws_handlers)
+        gate = self.connect_proxy if cfg.connect_proxied else None
+        self._http = HttpSite(cfg, self._admission, self._idle, self._router, self.ws_handlers, gate)
         self._heartbeats = Heartbeats(self.config.ping_interval, self.config.ping_timeout,
                                       lambda: self._connections)
         self._connects: dict[str, int] = {}
@@ -222,6 +233,8 @@ class Server:
             draining=self.draining,
             hub=self.hub.statistics(),
             worker_id=self.config.worker_id,
+            proxy_calls=dict(self.backend.calls) if self.backend else {},
+            webhooks=self.webhooks.counters() if self.webhooks else {},
         )
 
     async def serve(self, *, task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED) -> None:
@@ -248,6 +261,8 @@ class Server:
                 await root.start(self.hub.broker.run)
                 await root.start(self.cluster.run)
                 await root.start(self._heartbeats.run)
+                if self.webhooks is not None:
+                    await root.start(self.webhooks.run)
                 if self._queue_total.limit:
                     root.start_soon(self._shed_loop)
                 if self.handle_signals:
@@ -263,6 +278,9 @@ class Server:
             for lst in self._listeners:
                 for s in lst.sockets:
                     listeners.close_listener(s)
+            if self.backend is not None:
+                with trio.CancelScope(shield=True):
+                    await self.backend.aclose()
 
     async def drain(self, timeout: float | None = None) -> None:
         """Close gracefully: stop accepting, report not-ready, deliver everything
@@ -291,6 +309,8 @@ class Server:
         with trio.move_on_at(deadline):
             while self._connections:
                 await self._conn_gone.park()
+        if self.webhooks is not None:
+            await self.webhooks.flush(deadline)
         self._listeners[0].accept_scope.cancel()
         self._idle.close()
         await self._drain_done.wait()
@@ -406,11 +426,15 @@ class Server:
             if upgrade is not None:
                 nursery = self._listeners[0].nursery
                 assert nursery is not None
+                admitted = upgrade.admitted
                 cls = DeflateWebSocketConnection if upgrade.deflate else WebSocketConnection
                 conn = cls(transport, self.config, nursery, remote, upgrade.trailing,
-                           queue_total=self._queue_total, heartbeats=self._heartbeats)
+                           queue_total=self._queue_total, heartbeats=self._heartbeats,
+                           conn_id=admitted.conn_id if admitted else None)
                 if upgrade.path == ADMIN_WS_PATH:  # the status page: it sends the API key itself
                     conn.set_claims(ANONYMOUS)
+                elif admitted is not None:  # the connect proxy let it in
+                    conn.set_claims(admitted.claims)
                 else:
                     self._authenticate(conn, upgrade.token)
                 # The upgrade's reserved slot becomes the connection itself:
@@ -441,7 +465,7 @@ class Server:
             assert nursery is not None
             conn = TcpConnection(transport, self.config, nursery, remote, queue_total=self._queue_total,
                                  heartbeats=self._heartbeats)
-            if self.config.anonymous_allowed:
+            if self.config.anonymous_allowed and not self.config.connect_proxied:
                 # Otherwise a TCP client authenticates with its first line, {"op":"connect"}.
                 conn.set_claims(ANONYMOUS)
             await self._run_connection(conn, self.tcp_handler)
@@ -492,6 +516,8 @@ class Server:
             conn.start_close(CloseCode.GOING_AWAY)
         try:
             try:
+                if conn.state is ConnectionState.OPEN and conn.claims is not None:
+                    self.connected(conn)  # a TCP client without claims: after its connect
                 if conn.state is ConnectionState.OPEN and self.on_connect is not None:
                     try:
                         await self.on_connect(conn)
@@ -512,6 +538,9 @@ class Server:
             topics = self.hub.topics_of(conn)
             self.hub.unsubscribe_all(conn)
             leave_all(self, conn, topics)
+            if conn.claims is not None:  # it was let in: the application heard of it
+                self.connection_event("disconnect", conn, code=conn.close_code or CloseCode.ABNORMAL,
+                                      reason=conn.close_reason or "")
             if self.on_disconnect is not None:
                 try:
                     self.on_disconnect(conn)
@@ -549,24 +578,3 @@ class Server:
                     root.cancel_scope.cancel()
                     return
 
-
-def server_routes(server: Server) -> dict[tuple[str, str], RouteHandler]:
-    """The server's own routes: ``/healthz``, ``/readyz``, ``/metrics``, and the
-    JavaScript client (``/trioserve.js``, ``/trioserve.d.ts``)."""
-
-    async def healthz(req: Request) -> Response:
-        return json_response(200, {"status": "ok"})
-
-    async def readyz(req: Request) -> Response:
-        if server.draining:
-            return json_response(503, {"status": "draining"})
-        return json_response(200, {"status": "ready"})
-
-    async def metrics(req: Request) -> Response:
-        # Imported here so prometheus_client is loaded only by servers that get scraped.
-        from .metrics import metrics_response
-
-        return metrics_response(server, req)
-
-    return {("GET", "/healthz"): healthz, ("GET", "/readyz"): readyz, ("GET", "/metrics"): metrics,
-            **asset_routes()}

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import Protocol
+
 import attrs
 
 from ..push.hub import HubStatistics
 
-__all__ = ["ServerStatistics"]
+__all__ = ["Observed", "ServerStatistics"]
 
 
 @attrs.frozen
@@ -27,3 +30,24 @@ class ServerStatistics:
     hub: HubStatistics
     #: Which worker of ``serve --workers N`` this is (None for a single process).
     worker_id: int | None = None
+    #: Backend proxy calls by outcome ("allowed", "refused", "unavailable"); empty without a proxy.
+    proxy_calls: dict[str, int] = attrs.Factory(dict)
+    #: Webhook counters ("delivered", "dropped", "failed_posts", "queued"); empty without webhooks.
+    webhooks: dict[str, int] = attrs.Factory(dict)
+
+
+class _Queues(Protocol):
+    @property
+    def queued_bytes(self) -> int: ...
+
+    @property
+    def queued_frames(self) -> int: ...
+
+
+class Observed(Protocol):
+    """What the metrics and the health routes read of a server (a :class:`trioserve.Server`)."""
+
+    def statistics(self) -> ServerStatistics: ...
+
+    @property
+    def connections(self) -> Iterable[_Queues]: ...

@@ -118,3 +118,23 @@ def test_presence_events_for() -> None:
     assert not Config().presence_events_for("room.1")
     config_error(r"presence_events entry 'room 1' is not a topic pattern", presence_events=["room 1"])
     config_error(r"presence_events must be a list of strings", presence_events="room.*")
+
+
+# --- the application's backend ----------------------------------------------------------------
+
+
+def test_backend_urls_are_http_urls() -> None:
+    for name in ("proxy_connect_url", "proxy_subscribe_url", "proxy_publish_url", "proxy_rpc_url",
+                 "webhooks_url"):
+        config_error(rf"{name} must be an http:// or https:// URL, got 'ftp://x/y'", **{name: "ftp://x/y"})
+        config_error(rf"{name} must be an http:// or https:// URL, got 'localhost:3000'",
+                     **{name: "localhost:3000"})
+    config = Config(proxy_connect_url="https://app.example/connect", webhooks_url="http://u:pw@h/w")
+    assert config.connect_proxied and "pw" not in repr(config)
+    assert not Config().connect_proxied
+    assert Config().proxy_headers == ("Cookie", "Authorization") and Config().proxy_timeout == 3.0
+
+
+def test_a_webhooks_secret_needs_a_webhooks_url() -> None:
+    config_error(r"webhooks_secret is set but webhooks_url is not", webhooks_secret="s" * 32)
+    assert "s3cret" not in repr(Config(webhooks_url="http://h/w", webhooks_secret="s3cret"))

@@ -24,6 +24,7 @@ class FakeClient:
 
     transport_name = "fake"
     framing = LINES
+    remote = "127.0.0.1"
 
     def __init__(self, messages: list[Any], claims: Claims | None = ANONYMOUS, allowed: bool = True):
         self.id = 7
@@ -82,12 +83,20 @@ class Context:
     op_names: frozenset[str] = frozenset()
     on_subscribe: Callable[[Any, str], None] | None = None
     auth_failures: int = 0
+    backend: Any = None
+    events: list[tuple[str, Any]] = attrs.Factory(list)
 
     def count_auth_failure(self) -> None:
         self.auth_failures += 1
 
     def identify(self, conn: Any) -> None:
         pass
+
+    def unsubscribed(self, conn: Any, topic: str) -> None:
+        self.events.append(("unsubscribe", topic))
+
+    def connected(self, conn: Any) -> None:
+        self.events.append(("connect", conn.claims.sub))
 
 
 async def run(ctx: Context, conn: FakeClient) -> list[Any]:
