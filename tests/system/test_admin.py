@@ -65,6 +65,17 @@ async def test_the_stream_needs_no_token_where_clients_do(start_server: Any) -> 
         assert (await frame_where(ws, lambda f: True))["connections"]["total"] == 1
 
 
+async def test_the_stream_skips_the_connect_proxy(start_server: Any) -> None:
+    # Port 9 (discard) on loopback: nothing listens, so any proxied upgrade would get 503.
+    rs = await start_server(api_key=KEY, proxy_connect_url="http://127.0.0.1:9/connect")
+    with trio.fail_after(LIMIT):
+        assert (await http_request(rs.port, "GET", "/ws", headers=[
+            ("Connection", "Upgrade"), ("Upgrade", "websocket"), ("Sec-WebSocket-Version", "13"),
+            ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ==")])).status == 503
+        ws = await admin(rs.port)
+        assert await ws.recv_json() == {"op": "auth", "ok": True}
+
+
 async def test_the_stream_follows_connections_topics_and_disconnects(start_server: Any) -> None:
     rs = await start_server(api_key=KEY)
     with trio.fail_after(LIMIT):

@@ -96,7 +96,9 @@ async def test_disconnect_closes_every_connection_of_the_user_with_its_code(star
 
 
 async def test_unsubscribe_removes_the_user_and_tells_the_client(start_server: Any) -> None:
-    rs = await start_server(**CONFIG)
+    hooked: list[tuple[str, str]] = []
+    rs = await start_server({"on_unsubscribe": lambda conn, topic: hooked.append((conn.claims.sub, topic))},
+                            **CONFIG)
     with trio.fail_after(LIMIT):
         alice, bob = await user_ws(rs.port, "alice"), await user_ws(rs.port, "bob")
         for ws in (alice, bob):
@@ -105,6 +107,7 @@ async def test_unsubscribe_removes_the_user_and_tells_the_client(start_server: A
         status, body = await api(rs.port, "POST", "/api/unsubscribe", {"user": "alice", "topic": "room"})
         assert status == 200 and body["unsubscribed"] == 1, body
         assert await alice.recv_json() == {"op": "unsubscribed", "topic": "room", "reason": "server"}
+        assert hooked == [("alice", "room")]  # the library's hook (and the webhook) hear of it too
         assert (await api(rs.port, "POST", "/api/publish", {"topic": "room", "data": 1}))[0] == 200
         assert (await api(rs.port, "POST", "/api/publish", {"topic": "other", "data": 2}))[0] == 200
         assert [(await bob.recv_json())["data"] for _ in range(2)] == [1, 2]
