@@ -216,6 +216,30 @@ async def test_rpc_is_forwarded_and_answered(start_server: Any) -> None:
         assert backend.requests("/rpc")[0].json()["user"] == ""  # anonymous
 
 
+async def test_the_python_client_calls_rpc(start_server: Any) -> None:
+    from trioserve.client import ServerError, connect
+
+    async with app_backend() as backend:
+        backend.replies["/rpc"] = lambda body: (
+            {"result": {"echo": json.loads(body)["data"]}} if json.loads(body)["method"] == "echo"
+            else {"error": {"code": 409, "message": "busy"}})
+        rs = await start_server(**proxied(backend, "rpc"))
+        with trio.fail_after(LIMIT):
+            async with connect(rs.ws_url) as client:
+                assert await client.rpc("echo", [1, "a"]) == {"echo": [1, "a"]}
+                with pytest.raises(ServerError) as caught:
+                    await client.rpc("other")
+                error = caught.value
+                assert (error.code, error.message, error.status) == ("rpc_error", "busy", 409)
+        # A server without an RPC backend: a named error, not a hang.
+        plain = await start_server()
+        with trio.fail_after(LIMIT):
+            async with connect(plain.ws_url) as client:
+                with pytest.raises(ServerError) as caught:
+                    await client.rpc("echo")
+                assert caught.value.code == "unknown_op" and caught.value.status is None
+
+
 async def test_a_slow_backend_times_out_and_other_clients_carry_on(start_server: Any) -> None:
     async with app_backend() as backend:
         backend.replies["/subscribe"] = lambda body: (

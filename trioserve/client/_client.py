@@ -206,6 +206,18 @@ class Client:
         clients = reply.get("clients")
         return [ClientInfo.from_json(c) for c in clients] if isinstance(clients, list) else []
 
+    async def rpc(self, method: str, data: Any = None) -> Any:
+        """Call *method* on the application's backend through the server (its
+        ``proxy_rpc_url``, docs/backend.md) and return the backend's ``result``.
+
+        The backend's refusal raises :class:`ServerError` with code
+        ``"rpc_error"`` and the backend's code as its ``status``; a server with no
+        RPC backend answers ``"unknown_op"``. Not repeated after a reconnect:
+        the backend may have acted on it.
+        """
+        reply = await self._request({"op": "rpc", "method": method, "data": data}, retry=False)
+        return reply.get("result")
+
     async def ping(self) -> None:
         """One round trip to the server."""
         await self._request({"op": "ping"}, retry=True)

@@ -14,13 +14,15 @@ class ServerError(ClientError):
 
     ``code`` is the reply's ``error.code`` (``"bad_request"``, ``"forbidden"``,
     ``"unavailable"``, ... see docs/protocol.md) and ``message`` its
-    human-readable ``error.message``.
+    human-readable ``error.message``. ``status`` is the application
+    backend's own code, for an ``"rpc_error"``; otherwise None.
     """
 
-    def __init__(self, code: str, message: str):
+    def __init__(self, code: str, message: str, status: int | None = None):
         super().__init__(code, message)
         self.code = code
         self.message = message
+        self.status = status
 
     def __str__(self) -> str:
         return f"{self.code}: {self.message}"
@@ -119,5 +121,7 @@ def server_error(reply: dict[str, Any]) -> ServerError:
     """The :class:`ServerError` for an error reply (or for a reply that makes no sense)."""
     error = reply.get("error")
     if isinstance(error, dict):
-        return ServerError(str(error.get("code", "unknown")), str(error.get("message", "")))
+        status = error.get("status")
+        return ServerError(str(error.get("code", "unknown")), str(error.get("message", "")),
+                           status if isinstance(status, int) and not isinstance(status, bool) else None)
     return ServerError("unknown", f"unexpected reply {reply!r:.200}")
