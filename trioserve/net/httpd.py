@@ -2,7 +2,9 @@
 
 A request with ``Upgrade: websocket`` on the WebSocket path gets its 101 here
 and the socket is handed over; the h11 object is dropped after that, so a
-WebSocket connection carries no HTTP state.
+WebSocket connection carries no HTTP state. ``GET`` on the event-stream path
+(``/sse``) is handed over the same way, as an :class:`EventStream`, before its
+answer: the stream's handler decides between the 200 and an error.
 """
 
 from __future__ import annotations
@@ -23,8 +25,8 @@ from ..protocol.codes import ErrorCode
 from .admission import Admission, IdleScopes
 from .transport import Transport
 
-__all__ = ["HttpSite", "Request", "Response", "RouteHandler", "Router", "Upgrade", "json_error",
-           "json_response", "serve_http"]
+__all__ = ["EventStream", "HttpSite", "Request", "Response", "RouteHandler", "Router", "Upgrade",
+           "cors_headers", "json_error", "json_response", "serve_http"]
 
 log = logging.getLogger("trioserve.http")
 # A failing route is logged under the server's name, which operators' log filters know.
@@ -70,6 +72,18 @@ class Upgrade:
     token: str | None
     #: The request path, which chose the handler (see ``Server.add_websocket``).
     path: str
+
+
+@attrs.frozen
+class EventStream:
+    """A ``GET`` on the event-stream path that passed the origin and admission
+    checks; it holds a reserved connection slot, like an :class:`Upgrade`."""
+
+    request: Request
+    #: The token, from ``?token=`` or ``Authorization: Bearer``.
+    token: str | None
+    #: The CORS headers its answer carries.
+    cors: list[tuple[bytes, bytes]]
 
 
 def json_response(status: int, obj: Any, headers: list[tuple[bytes, bytes]] | None = None) -> Response:
@@ -120,6 +134,8 @@ class HttpSite:
     router: Router
     #: The paths that take WebSocket upgrades (the server's handlers by path).
     websocket_paths: Container[str]
+    #: The path of Server-Sent Events streams, if the server has them.
+    sse_path: str | None = None
 
 
 class _BodyTooLarge(Exception):
@@ -165,7 +181,8 @@ async def _respond(h: h11.Connection, transport: Transport, resp: Response, clos
     await transport.send_all(data)
 
 
-async def serve_http(transport: Transport, site: HttpSite, remote: str | None) -> Upgrade | None:
+async def serve_http(transport: Transport, site: HttpSite,
+                     remote: str | None) -> Upgrade | EventStream | None:
     """Serve one socket of the HTTP+WebSocket listener until it closes or upgrades.
 
     Returns None when the socket is done, or the :class:`Upgrade` after a 101.
@@ -207,6 +224,12 @@ async def serve_http(transport: Transport, site: HttpSite, remote: str | None) -
         req_headers = list(request.headers)
         if websocket.is_upgrade(req_headers):
             return await _upgrade(h, transport, site, request, req_headers, url.path, url.query, remote)
+        if url.path == site.sse_path and method in ("GET", "OPTIONS"):
+            try:
+                return await _event_stream(h, transport, site, method, req_headers, url.path, url.query,
+                                           remote)
+            except OSError:
+                return None
         if _header(req_headers, b"transfer-encoding") is not None and \
                 _header(req_headers, b"content-length") is not None:
             # The request-smuggling shape: RFC 9112 6.1 lets us refuse it, and
@@ -335,6 +358,57 @@ async def _finish_upgrade(h: h11.Connection, transport: Transport, req_headers: 
     except OSError:
         return None
     return Upgrade(bytes(trailing), _token(req_headers, query), path)
+
+
+def cors_headers(config: Config, origin: bytes | None) -> list[tuple[bytes, bytes]] | None:
+    """The CORS headers of an answer to *origin*; None if ``allowed_origins`` refuses it.
+
+    No list (the default) or ``*``: any origin may read, without credentials
+    (trioserve authenticates with tokens, not cookies). A listed origin is
+    echoed, with credentials, so a page may use ``withCredentials`` for a
+    proxy's cookie in front of the server.
+    """
+    if origin is None:
+        return []
+    allowed = config.allowed_origins
+    if not allowed or "*" in allowed:
+        return [(b"access-control-allow-origin", b"*")]
+    if origin.decode("latin-1") not in allowed:
+        return None
+    return [(b"access-control-allow-origin", origin), (b"access-control-allow-credentials", b"true"),
+            (b"vary", b"Origin")]
+
+
+async def _event_stream(h: h11.Connection, transport: Transport, site: HttpSite, method: str,
+                        req_headers: list[tuple[bytes, bytes]], path: str, query: str,
+                        remote: str | None) -> EventStream | None:
+    origin = _header(req_headers, b"origin")
+    cors = cors_headers(site.config, origin)
+    if cors is None:
+        assert origin is not None
+        await _refuse(h, transport, json_error(403, ErrorCode.FORBIDDEN,
+                                               f"origin {origin.decode('latin-1')!r} is not allowed"))
+        return None
+    if method == "OPTIONS":  # a preflight: what a fetch() with headers may send
+        await _refuse(h, transport, Response(204, b"", b"text/plain", [
+            *cors, (b"access-control-allow-methods", b"GET, OPTIONS"),
+            (b"access-control-allow-headers", b"Authorization, Last-Event-ID, Cache-Control"),
+            (b"access-control-max-age", b"600")]))
+        return None
+    event = await _next_event(h, transport)
+    if not isinstance(event, h11.EndOfMessage):
+        await _refuse(h, transport, json_error(400, ErrorCode.BAD_REQUEST, "a stream request has no body"),
+                      linger=site.config.close_timeout)
+        return None
+    admission = site.admission
+    refusal = admission.refusal(remote)
+    if refusal is not None:
+        retry = [] if refusal.retry_after is None else [(b"retry-after", str(refusal.retry_after).encode())]
+        await _refuse(h, transport, json_error(503, ErrorCode.UNAVAILABLE, refusal.message, retry + cors))
+        return None
+    admission.reserve()
+    request = Request(method, path, parse_qs(query), req_headers, b"", remote)
+    return EventStream(request, _token(req_headers, query), cors)
 
 
 def _header(headers: Sequence[tuple[bytes, bytes]], name: bytes) -> bytes | None:

@@ -28,7 +28,17 @@ from ..net import listeners
 from ..net.admission import Admission, IdleScopes
 from ..net.connection import Connection, ConnectionClosed, ConnectionState, QueueTotal
 from ..net.heartbeat import Heartbeats
-from ..net.httpd import HttpSite, Request, Response, RouteHandler, Router, json_response, serve_http
+from ..net.httpd import (
+    EventStream,
+    HttpSite,
+    Request,
+    Response,
+    RouteHandler,
+    Router,
+    json_response,
+    serve_http,
+)
+from ..net.sse import SseConnection
 from ..net.tcp import TcpConnection
 from ..net.transport import SocketTransport, TlsTransport, Transport
 from ..net.websocket import WebSocketConnection
@@ -41,6 +51,7 @@ from ..push.brokers import make_broker
 from ..push.handler import leave_all, push_handler
 from ..push.history import History
 from ..push.hub import Hub
+from ..push.sse import SSE_PATH, sse_handler
 from .assets import asset_routes
 from .auth import Authenticator
 from .stats import ServerStatistics
@@ -120,6 +131,7 @@ class Server:
         #: WebSocket handlers by path; ``ws_path`` serves the push protocol by default.
         self.ws_handlers: dict[str, Handler] = {self.config.ws_path: ws_handler or push}
         self.tcp_handler: Handler = tcp_handler or push
+        self._sse_handler: Handler = functools.partial(sse_handler, server=self)
         self.handle_signals = handle_signals
         #: Called after authentication and before the handler; raise :class:`Reject` to refuse.
         self.on_connect = on_connect
@@ -140,7 +152,8 @@ class Server:
         self._admission = Admission(self.config, self._connections)
         self._idle = IdleScopes()
         self._router = Router({**server_routes(self), **api_routes(self)})
-        self._http = HttpSite(self.config, self._admission, self._idle, self._router, self.ws_handlers)
+        self._http = HttpSite(self.config, self._admission, self._idle, self._router, self.ws_handlers,
+                              SSE_PATH)
         self._heartbeats = Heartbeats(self.config.ping_interval, self.config.ping_timeout,
                                       lambda: self._connections)
         self._connects: dict[str, int] = {}
@@ -196,10 +209,12 @@ class Server:
 
     def statistics(self) -> ServerStatistics:
         ws = sum(1 for c in self._connections if isinstance(c, WebSocketConnection))
+        streams = sum(1 for c in self._connections if isinstance(c, SseConnection))
         return ServerStatistics(
             connections=len(self._connections),
             websocket_connections=ws,
-            tcp_connections=len(self._connections) - ws,
+            tcp_connections=len(self._connections) - ws - streams,
+            sse_connections=streams,
             max_connections=self.max_connections,
             rejected_connections=self._admission.rejected,
             connects_total=dict(self._connects),
@@ -391,13 +406,21 @@ class Server:
             if upgrade is not None:
                 nursery = self._listeners[0].nursery
                 assert nursery is not None
-                conn = WebSocketConnection(transport, self.config, nursery, remote, upgrade.trailing,
-                                           queue_total=self._queue_total, heartbeats=self._heartbeats)
+                conn: Connection
+                if isinstance(upgrade, EventStream):  # GET /sse: its handler answers
+                    conn = SseConnection(transport, self.config, nursery, remote, upgrade.request,
+                                         upgrade.cors, queue_total=self._queue_total,
+                                         heartbeats=self._heartbeats)
+                    handler = self._sse_handler
+                else:
+                    conn = WebSocketConnection(transport, self.config, nursery, remote, upgrade.trailing,
+                                               queue_total=self._queue_total, heartbeats=self._heartbeats)
+                    handler = self.ws_handlers[upgrade.path]
                 self._authenticate(conn, upgrade.token)
                 # The upgrade's reserved slot becomes the connection itself:
                 # _run_connection counts it before its first checkpoint.
                 self._admission.release()
-                await self._run_connection(conn, self.ws_handlers[upgrade.path])
+                await self._run_connection(conn, handler)
         finally:
             await self._close_transport(transport)
             self._admission.release_peer(peer)

@@ -27,3 +27,5 @@ class ServerStatistics:
     hub: HubStatistics
     #: Which worker of ``serve --workers N`` this is (None for a single process).
     worker_id: int | None = None
+    #: Server-Sent Events streams (``GET /sse``).
+    sse_connections: int = 0
