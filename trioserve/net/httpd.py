@@ -224,7 +224,7 @@ async def serve_http(transport: Transport, site: HttpSite,
         req_headers = list(request.headers)
         if websocket.is_upgrade(req_headers):
             return await _upgrade(h, transport, site, request, req_headers, url.path, url.query, remote)
-        if url.path == site.sse_path and method in ("GET", "OPTIONS"):
+        if url.path == site.sse_path:
             try:
                 return await _event_stream(h, transport, site, method, req_headers, url.path, url.query,
                                            remote)
@@ -382,6 +382,11 @@ def cors_headers(config: Config, origin: bytes | None) -> list[tuple[bytes, byte
 async def _event_stream(h: h11.Connection, transport: Transport, site: HttpSite, method: str,
                         req_headers: list[tuple[bytes, bytes]], path: str, query: str,
                         remote: str | None) -> EventStream | None:
+    if method not in ("GET", "OPTIONS"):
+        wrong = json_error(405, ErrorCode.METHOD_NOT_ALLOWED, f"{method} not allowed on {path}",
+                           [(b"allow", b"GET, OPTIONS")])
+        await _refuse(h, transport, wrong, linger=site.config.close_timeout)
+        return None
     origin = _header(req_headers, b"origin")
     cors = cors_headers(site.config, origin)
     if cors is None:
