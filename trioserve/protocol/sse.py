@@ -126,12 +126,12 @@ def decode_cursor(text: str) -> dict[bytes, tuple[bytes, int]]:
     topic in the epoch the cursor was made in: equal tags, same epoch."""
     if len(text) > MAX_CURSOR:
         raise CursorError(f"cursor over {MAX_CURSOR} characters")
-    version, _, rest = text.partition(".")
+    version, dot, rest = text.partition(".")
     if version != CURSOR_VERSION:
         raise CursorError("not a cursor of this server (unknown version); "
                           "send the id: of an event this server sent")
     entries: dict[bytes, tuple[bytes, int]] = {}
-    if not rest:
+    if not dot:
         return entries
     for part in rest.split("."):
         match = _ENTRY.fullmatch(part)
