@@ -282,3 +282,23 @@ async def test_a_stream_that_goes_away_is_forgotten(start_server: Any) -> None:
     await s.aclose()
     await wait_until(lambda: not rs.server.hub.topics(), what="the stream's subscription to go")
     assert rs.server.statistics().sse_connections == 0
+
+
+async def test_plain_since_per_topic_after_a_websocket(start_server: Any) -> None:
+    """A client that kept (epoch, offset) from a WebSocket resumes on a stream."""
+    rs = await start_server()
+    ws = await RawWebSocket.connect(rs.port)
+    async with ws.stream:
+        reply = await subscribe_reply(ws, "p")
+        await http_publish(rs.port, "p", 1)
+        assert (await next_pub(ws))["offset"] == 1
+    for i in (2, 3):
+        await http_publish(rs.port, "p", i)
+    s = await SseStream.open(rs.port, f"topic=p&topic=q&since.p={reply['epoch']}:1")
+    async with s.stream:
+        assert [(await s.next_event()).json()["offset"] for _ in range(2)] == [2, 3]
+        summary = (await s.next_event()).json()["topics"]
+        assert [(t["topic"], t.get("recovered")) for t in summary] == [("p", True), ("q", None)]
+    s = await SseStream.open(rs.port, "topic=p&since.p=nocolon")
+    async with s.stream:
+        assert s.status == 400 and "since.p" in json.loads(await s.body())["error"]["message"]

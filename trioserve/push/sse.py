@@ -114,21 +114,33 @@ def _topics(req: Request, server: PushContext, claims: Claims) -> tuple[str, ...
     return topics
 
 
-def _entries(req: Request) -> dict[bytes, tuple[bytes, int]] | None:
-    # The header wins: EventSource sends the newest id there, while the URL
-    # still holds the since= it was first opened with.
-    raw: str | None = None
+def _entries(req: Request) -> dict[bytes, tuple[bytes, int]]:
+    """Where each topic resumes: topic tag -> (entry tag, offset).
+
+    ``Last-Event-ID`` alone when present: EventSource sends the newest id
+    there, while its URL still holds what the stream was first opened with.
+    Else the ``since`` cursor, and over it ``since.<topic>=<epoch>:<offset>``,
+    the plain form for a client that kept its own positions (after a WebSocket).
+    """
     header = req.header(b"last-event-id")
-    if header:
-        raw = header.decode("latin-1").strip()
-    elif req.query.get("since"):
+    raw = header.decode("latin-1").strip() if header else None
+    if not raw and req.query.get("since"):
         raw = req.query["since"][0]
-    if not raw:
-        return None
     try:
-        return sse.decode_cursor(raw)
+        entries = sse.decode_cursor(raw) if raw else {}
     except sse.CursorError as exc:
         raise _Refused(400, ErrorCode.BAD_REQUEST, f"bad Last-Event-ID or since: {exc}") from None
+    if header:
+        return entries
+    for key, values in req.query.items():
+        if key.startswith("since."):
+            topic = key[6:]
+            epoch, _, offset = values[0].rpartition(":")
+            if not epoch or not offset.isdigit() or len(offset) > 19:
+                raise _Refused(400, ErrorCode.BAD_REQUEST,
+                               f"{key} must be <epoch>:<offset>, as a subscribe reply gives them")
+            entries[sse.tag(topic)] = (sse.entry_tag(topic, epoch), int(offset))
+    return entries
 
 
 async def _open(conn: Stream, server: PushContext) -> None:
@@ -136,7 +148,7 @@ async def _open(conn: Stream, server: PushContext) -> None:
     claims = conn.claims
     assert claims is not None  # the server authenticates before the handler runs
     topics = _topics(req, server, claims)
-    entries = _entries(req) or {}
+    entries = _entries(req)
     on_subscribe: Callable[[Any, str], None] | None = server.on_subscribe
     if on_subscribe is not None:
         try:
