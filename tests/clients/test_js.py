@@ -43,7 +43,7 @@ def node() -> str:
 def test_node(node: str, name: str) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("TRIOSERVE_")}
     env["TRIOSERVE_PYTHON"] = sys.executable
-    # Node 20 and 21 have EventSource (a real one, undici's) behind a flag; the
+    # Node has EventSource (a real one, undici's) behind a flag; the
     # SSE fallback's tests use it, the others test the client without one.
     flags = ["--experimental-eventsource"] if name.startswith("sse") else []
     proc = subprocess.run(

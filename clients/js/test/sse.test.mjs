@@ -1,7 +1,7 @@
 // The fallback to Server-Sent Events when the WebSocket cannot connect.
 //
-// Run with `node --experimental-eventsource` (Node 20, 21: EventSource is
-// behind that flag; tests/clients/test_js.py passes it for this file), so the
+// Run with `node --experimental-eventsource` (Node's EventSource is behind
+// that flag; tests/clients/test_js.py passes it for this file), so the
 // EventSource is Node's own, a real one, as in a browser. A WebSocket that
 // "cannot connect" is a real refused upgrade: the gate below points it at a
 // path the server has no WebSocket on, as a proxy that blocks WebSocket would.
