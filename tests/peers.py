@@ -522,3 +522,107 @@ class NdjsonClient:
 
     async def aclose(self) -> None:
         await self.stream.aclose()
+
+
+# --- Server-Sent Events -----------------------------------------------------------------------
+
+
+@attrs.frozen
+class SseEvent:
+    """One block of a ``text/event-stream``, ended by a blank line (WHATWG HTML 9.2.6)."""
+
+    event: str | None = None
+    data: str | None = None
+    id: str | None = None
+    retry: int | None = None
+    #: The block held only comment lines (a heartbeat).
+    comment: bool = False
+
+    def json(self) -> Any:
+        assert self.data is not None, self
+        return json.loads(self.data)
+
+
+class SseStream:
+    """A raw ``GET /sse`` reader (what ``curl -N`` shows), parsed from the spec:
+    lines end with LF, CRLF or CR; a line starting with ``:`` is a comment; a
+    blank line ends a block. Fields are kept as sent, so a test sees exactly
+    which block carried an ``id:`` or a ``retry:``."""
+
+    def __init__(self, stream: trio.abc.Stream, status: int, headers: dict[str, str], rest: bytes):
+        self.stream = stream
+        self.status = status
+        self.headers = headers
+        self.reader = ByteReader(stream, rest)
+
+    @classmethod
+    async def open(cls, port: int, query: str, headers: Iterable[tuple[str, str]] = (), *,
+                   path: str = "/sse", rcvbuf: int | None = None) -> SseStream:
+        stream: trio.abc.Stream = await open_socket(port, rcvbuf=rcvbuf)
+        lines = [f"GET {path}?{query} HTTP/1.1", f"Host: {HOST}:{port}", "Accept: text/event-stream"]
+        lines += [f"{k}: {v}" for k, v in headers]
+        await stream.send_all(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+        reader = ByteReader(stream)
+        head = await reader.read_until(b"\r\n\r\n", limit=65536)
+        assert head is not None, "EOF before a response head"
+        status, _, hdrs = parse_head(head)
+        return cls(stream, status, hdrs, bytes(reader.buf))
+
+    async def body(self) -> bytes:
+        """The rest of the response (an error's JSON body), to EOF."""
+        return await self.reader.read_to_eof()
+
+    async def _line(self) -> str | None:
+        buf = self.reader.buf
+        while True:
+            for i, byte in enumerate(buf):
+                if byte in (0x0A, 0x0D):
+                    if byte == 0x0D and i + 1 == len(buf):
+                        break  # a CR at the end: a LF may follow
+                    line = bytes(buf[:i]).decode()
+                    del buf[: i + (2 if byte == 0x0D and buf[i + 1] == 0x0A else 1)]
+                    return line
+            if not await self.reader.fill():
+                if buf:
+                    raise EndOfStream(f"EOF inside a line: {bytes(buf[:100])!r}")
+                return None
+
+    async def next_block(self) -> SseEvent | None:
+        """The next block, comments included; None at a clean EOF."""
+        fields: dict[str, str] = {}
+        data: list[str] = []
+        comment = False
+        while True:
+            line = await self._line()
+            if line is None:
+                assert not fields and not data and not comment, "EOF inside an event"
+                return None
+            if not line:
+                if fields or data or comment:
+                    retry = fields.get("retry")
+                    return SseEvent(fields.get("event"), "\n".join(data) if data else None,
+                                    fields.get("id"), int(retry) if retry is not None else None,
+                                    comment and not fields and not data)
+                continue
+            if line.startswith(":"):
+                comment = True
+                continue
+            name, _, value = line.partition(":")
+            value = value.removeprefix(" ")
+            if name == "data":
+                data.append(value)
+            else:
+                assert name not in fields, f"field {name} twice in one event"
+                fields[name] = value
+
+    async def next_event(self) -> SseEvent:
+        """The next block that is not a heartbeat nor a bare ``retry:``."""
+        while True:
+            block = await self.next_block()
+            if block is None:
+                raise EndOfStream("the stream ended")
+            if not block.comment and (block.data is not None or block.event is not None):
+                return block
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()

@@ -88,6 +88,15 @@ export interface WebSocketLike {
   close(code?: number, reason?: string): void;
 }
 
+/** A minimal EventSource class: the browser's (or Node's, behind --experimental-eventsource). */
+export interface EventSourceLike {
+  readonly readyState: number;
+  onmessage: ((event: { data: string; lastEventId: string }) => void) | null;
+  onerror: ((event: any) => void) | null;
+  addEventListener(type: string, listener: (event: { data: string; lastEventId: string }) => void): void;
+  close(): void;
+}
+
 export interface ClientOptions {
   /** A token (JWT), sent as `?token=` on every connection. */
   token?: string;
@@ -109,6 +118,11 @@ export interface ClientOptions {
   apiKey?: string;
   /** The fetch function; default `globalThis.fetch`. */
   fetch?: typeof fetch;
+  /**
+   * The EventSource class for the fallback of subscriptions to `GET /sse` when
+   * the WebSocket cannot connect; default `globalThis.EventSource`; false: no fallback.
+   */
+  EventSource?: (new (url: string) => EventSourceLike) | false;
 }
 
 export type ClientState = "connecting" | "connected" | "disconnected";
@@ -118,6 +132,8 @@ export interface DisconnectInfo {
   reason: string;
   /** Whether the client reconnects after it. */
   reconnect: boolean;
+  /** "sse" when the event stream of the fallback was closed by the server. */
+  transport?: "sse";
 }
 
 export interface RetryInfo {
@@ -156,6 +172,8 @@ export declare class Client {
   constructor(url: string, options?: ClientOptions);
   readonly url: string;
   readonly state: ClientState;
+  /** What carries the subscriptions now: the WebSocket, the SSE fallback, or nothing yet. */
+  readonly transport: "websocket" | "sse" | null;
   /** What ended the client, once it is "disconnected". */
   readonly error: TrioserveError | null;
   on<E extends keyof ClientEvents>(event: E, listener: ClientEvents[E]): () => void;

@@ -16,8 +16,12 @@
 // - reconnects use exponential backoff with full jitter.
 //
 // Transports: the WebSocket carries everything. When it cannot connect,
-// `publish` goes over `POST /api/publish`; subscriptions wait for the
-// WebSocket (an SSE transport would plug in at `_openSocket`).
+// subscriptions go over Server-Sent Events (`GET /sse`, with EventSource),
+// `publish` over `POST /api/publish`, and the other requests reject with
+// `no_connection`, saying why; the WebSocket is retried meanwhile, and takes
+// the subscriptions back (with `since`) once it connects. Both transports
+// deliver through the same Subscription, so exactly-once and in-order, and
+// `onGap`, hold across the switch.
 
 export const VERSION = "0.1.0";
 
@@ -153,7 +157,7 @@ export class Subscription {
       return;
     }
     if (last !== null && offset > last + 1) {
-      if (live && this._epoch !== null) {
+      if (live && this._epoch !== null && this._client._open) {
         // The offsets jumped on a live connection (the server dropped some
         // for a slow consumer): fetch them from its history.
         this._client._sendSubscribe(this);
@@ -248,7 +252,11 @@ export class Client {
       throw new TypeError("getToken must be a function returning a token (or a promise of one)");
     }
     this._httpUrl = o.httpUrl === false ? null : httpBase(parsed, o.httpUrl);
-    this._fetch = o.fetch || globalThis.fetch;
+    // Bound: a browser's fetch called as a method of another object throws "Illegal invocation".
+    this._fetch = o.fetch || globalThis.fetch?.bind(globalThis);
+    // The fallback for subscriptions; `EventSource: false` turns it off.
+    this._EventSource = o.EventSource === false ? null : o.EventSource || globalThis.EventSource || null;
+    this._stream = null; // {es, up}: the event stream, while the WebSocket cannot connect
 
     this._state = "connecting";
     this._listeners = new Map();
@@ -293,6 +301,12 @@ export class Client {
     return this._state;
   }
 
+  /** What carries the subscriptions now: "websocket", "sse" (the fallback) or null. */
+  get transport() {
+    if (this._open) return "websocket";
+    return this._stream !== null && this._stream.up ? "sse" : null;
+  }
+
   /** Counters: reconnects, failedAttempts, publications, duplicates (skipped), gaps. */
   statistics() {
     return { state: this._state, subscriptions: this._subs.size,
@@ -330,6 +344,7 @@ export class Client {
       }, timeout);
     }
     if (this._open) this._sendSubscribe(sub);
+    else if (this._stream !== null) this._restartStream();
     return sub;
   }
 
@@ -470,6 +485,8 @@ export class Client {
   }
 
   _onOpen(socket) {
+    // The WebSocket is back: it takes the subscriptions over, with `since`.
+    this._closeStream();
     this._open = true;
     this._openedAt = Date.now();
     this._failedSinceOpen = false;
@@ -619,6 +636,7 @@ export class Client {
       else this._queue.push(entry);
     }
     this._scheduleReconnect(error);
+    this._openStream();
   }
 
   _scheduleReconnect(error) {
@@ -686,7 +704,12 @@ export class Client {
       }, timeout);
       if (this._open) this._send(entry);
       else if (fallback && this._failedSinceOpen) this._runFallback(entry);
-      else this._queue.push(entry);
+      else if (this._stream !== null && this._stream.up) {
+        clearTimeout(entry.timer);
+        const why = this._lastError ? ` (${this._lastError.message})` : "";
+        reject(new TrioserveError("no_connection", `${JSON.stringify(msg.op)} needs the WebSocket, which cannot `
+          + `connect${why}; meanwhile only subscriptions (over /sse) and publish (over POST /api/publish) work`));
+      } else this._queue.push(entry);
     });
   }
 
@@ -784,12 +807,119 @@ export class Client {
     const wasSubscribed = sub._pendingOn !== null || sub._settled;
     sub._end(error || new TrioserveError("unsubscribed", `unsubscribed from ${sub.topic} before the reply`), !error);
     if (wasSubscribed && this._open) this._sendRaw(this._socket, { op: "unsubscribe", topic: sub.topic });
+    else if (this._stream !== null) this._restartStream();
+  }
+
+  // --- the SSE fallback -------------------------------------------------------------------
+
+  /** Open the event stream for every subscription, if the WebSocket is down and there is one. */
+  async _openStream() {
+    if (this._closed || this._open || this._stream !== null || !this._EventSource || !this._httpUrl) return;
+    if (this._subs.size === 0) return;
+    const stream = { es: null, up: false };
+    this._stream = stream;
+    let token;
+    try {
+      token = await this._token();
+    } catch (err) {
+      if (this._stream === stream) this._stream = null;
+      this._lastError = new TrioserveError("token", `getToken failed: ${err && err.message}`, { cause: err });
+      return;
+    }
+    if (this._stream !== stream) return; // closed, or the WebSocket came back, meanwhile
+    const subs = [...this._subs.values()];
+    if (subs.length === 0) {
+      this._stream = null;
+      return;
+    }
+    const url = new URL(`${this._httpUrl}/sse`);
+    for (const sub of subs) {
+      url.searchParams.append("topic", sub.topic);
+      // The plain form of a position; EventSource's own reconnects send the cursor (Last-Event-ID).
+      if (sub._epoch !== null && sub._offset !== null) {
+        url.searchParams.set(`since.${sub.topic}`, `${sub._epoch}:${sub._offset}`);
+      }
+    }
+    if (token) url.searchParams.set("token", token);
+    let es;
+    try {
+      es = new this._EventSource(url.href);
+    } catch (err) {
+      this._stream = null;
+      this._lastError = new TrioserveError("no_connection", `cannot open ${url.origin}/sse: ${err.message}`);
+      return;
+    }
+    stream.es = es;
+    for (const sub of subs) {
+      sub._pendingOn = stream; // publications wait for the stream's "subscribed" event
+      sub._held = [];
+    }
+    const mine = (fn) => (event) => {
+      if (this._stream === stream) fn(event);
+    };
+    es.onmessage = mine((event) => this._onStreamMessage(stream, event.data));
+    es.addEventListener("subscribed", mine((event) => this._onStreamSubscribed(stream, event.data)));
+    es.addEventListener("close", mine((event) => {
+      // The server ends the stream (drain, slow consumer...); EventSource reconnects by
+      // itself, with Last-Event-ID. A token it refused needs a fresh one: a new stream.
+      const info = parseJson(event.data) || {};
+      this._emit("disconnect", { code: info.code, reason: info.reason || "", reconnect: true, transport: "sse" });
+      if (info.code === UNAUTHORIZED) this._restartStream();
+    }));
+    es.onerror = mine(() => {
+      if (es.readyState !== 2) return; // CONNECTING: EventSource retries by itself
+      // Refused (an HTTP error): tried again after the next WebSocket attempt.
+      this._closeStream();
+      this._lastError = new TrioserveError("no_connection",
+        `the event stream ${url.origin}/sse failed too (refused; check the token and the topics)`);
+    });
+  }
+
+  _onStreamMessage(stream, data) {
+    const msg = parseJson(data);
+    if (msg === null || typeof msg !== "object") return;
+    if (msg.op === "pub") this._subs.get(msg.topic)?._receive(stream, msg);
+    else if (msg.op === "join" || msg.op === "leave") this._subs.get(msg.topic)?._presence(msg);
+    else if (msg.op === "refresh_required") this._restartStream(); // with a fresh token
+  }
+
+  /** The stream's start: each topic's position, after its recovered publications. */
+  _onStreamSubscribed(stream, data) {
+    const info = parseJson(data);
+    if (!info || !Array.isArray(info.topics)) return;
+    stream.up = true;
+    for (const reply of info.topics) {
+      const sub = this._subs.get(reply.topic);
+      // A reconnect of EventSource's own has no pending subscribe: the summary then
+      // tells of a gap (recovered: false) the same way.
+      if (sub && sub._active) sub._apply(stream, { ...reply, publications: [] });
+    }
+  }
+
+  _closeStream() {
+    const stream = this._stream;
+    if (stream === null) return;
+    this._stream = null;
+    stream.es?.close();
+    for (const sub of this._subs.values()) {
+      if (sub._pendingOn === stream) {
+        sub._pendingOn = null;
+        sub._held = [];
+      }
+    }
+  }
+
+  /** The topics or the token changed: a new stream, from where each subscription is. */
+  _restartStream() {
+    this._closeStream();
+    this._openStream();
   }
 
   // --- the end ----------------------------------------------------------------------------
 
   _shutdown(error, quiet) {
     this._closed = true;
+    this._closeStream();
     this.error = error;
     clearTimeout(this._timer);
     this._timer = null;
@@ -828,6 +958,14 @@ export class Client {
     }
     this._setState("disconnected");
     if (!quiet) this._emit("error", error);
+  }
+}
+
+function parseJson(text) {
+  try {
+    return JSON.parse(text);
+  } catch {
+    return null;
   }
 }
 

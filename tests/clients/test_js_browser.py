@@ -123,3 +123,32 @@ def test_a_page_of_another_origin_may_import_it(browser: Browser, serve: Any) ->
     # Another origin (another port): a module import needs the CORS header.
     kind = page.evaluate("async (src) => typeof (await import(src)).Client", f"http://127.0.0.1:{port}/trioserve.js")
     assert kind == "function"
+
+
+def test_a_page_falls_back_to_sse_where_websocket_is_blocked(browser: Browser, serve: Any) -> None:
+    """No WebSocket on the client's URL (as behind a proxy that refuses upgrades):
+    subscriptions go over Chromium's own EventSource to /sse, publish over HTTP,
+    and EventSource's reconnect (Last-Event-ID) after a restart reports the gap."""
+    port = free_port()
+    server, _ = serve("--drain-timeout", "3", port=port)
+    page = browser.new_page()
+    errors: list[Any] = []
+    page.on("pageerror", lambda error: errors.append(error))
+    page.goto(f"http://127.0.0.1:{port}/healthz")
+    assert page.evaluate(SUBSCRIBE, f"ws://127.0.0.1:{port}/blocked") == 1
+    assert page.evaluate("() => window.client.transport") == "sse"
+    for n in range(2, 6):
+        assert publish(port, "news", {"n": n})["offset"] == n
+    wait_count(page, "pub", 5)
+    assert [e["offset"] for e in events(page, "pub")] == [1, 2, 3, 4, 5]
+
+    assert server.stop() == 0, server.output
+    serve(port=port)
+    page.wait_for_function("() => window.events.some((e) => e.kind === 'subscribed' && e.resubscribed)",
+                           timeout=TIMEOUT_MS)
+    publish(port, "news", "after the restart")
+    wait_count(page, "pub", 6)
+    assert events(page, "gap") == [{"kind": "gap", "lastOffset": 5, "offset": 0}]
+    assert events(page, "pub")[-1] == {"kind": "pub", "offset": 1, "data": "after the restart"}
+    page.evaluate("() => window.client.close()")
+    assert errors == []

@@ -17,10 +17,7 @@ import jwt
 import pytest
 import trio
 
-from trioserve import Server
-from trioserve.net.httpd import Request, Response, json_response
-
-from ..peers import NdjsonClient, RawWebSocket, Refused, http_publish, http_request
+from ..peers import NdjsonClient, RawWebSocket, Refused, SseStream, http_publish, http_request
 from .appbackend import HOLD, AppBackend, app_backend
 from .helpers import next_pub
 
@@ -289,27 +286,26 @@ async def test_calls_in_flight_are_bounded(start_server: Any) -> None:
         assert 'trioserve_proxy_calls_total{outcome="unavailable"} 2.0' in metrics
 
 
-async def test_a_route_of_its_own_can_ask_the_connect_proxy_as_sse(start_server: Any) -> None:
-    """The seam an SSE stream uses: ``Server.connect_proxy(request, token, "sse")``."""
+async def test_an_sse_stream_asks_the_connect_proxy(start_server: Any) -> None:
     async with app_backend() as backend:
         backend.replies["/connect"] = lambda body: (
             {"result": {"user": "dora"}} if "session=ok" in json.loads(body)["headers"].get("Cookie", "")
             else {"error": {"code": 401, "message": "no session"}})
         rs = await start_server(**proxied(backend, "connect"))
-        server: Server = rs.server
-
-        async def events(request: Request) -> Response:
-            verdict = await server.connect_proxy(request, None, transport="sse")
-            if isinstance(verdict, Response):
-                return verdict
-            assert verdict is not None
-            return json_response(200, {"user": verdict.claims.sub, "conn_id": verdict.conn_id})
-
-        server.add_route("GET", "/events", events)
         with trio.fail_after(LIMIT):
-            ok = await http_request(rs.port, "GET", "/events", headers=[("Cookie", "session=ok")])
-            refused = await http_request(rs.port, "GET", "/events")
-        assert ok.status == 200 and ok.json()["user"] == "dora"
-        assert refused.status == 401 and refused.json()["error"]["message"] == "no session"
-        first = backend.requests("/connect")[0].json()
-        assert first["transport"] == "sse" and first["client"] == f"c{ok.json()['conn_id']}"
+            refused = await SseStream.open(rs.port, "topic=room")
+            assert refused.status == 401
+            assert json.loads(await refused.body())["error"] == {"code": "forbidden", "message": "no session"}
+            stream = await SseStream.open(rs.port, "topic=room", [("Cookie", "session=ok")])
+            assert stream.status == 200
+            assert (await stream.next_event()).event == "subscribed"
+            ws = await RawWebSocket.connect(rs.port, headers=[("Cookie", "session=ok")])
+            async with ws.stream:
+                reply = await ws.request({"op": "presence", "topic": "room", "id": 1})
+                (member,) = reply["clients"]
+                assert (member["client"], member["transport"]) == ("dora", "sse")
+            await stream.aclose()
+        first = backend.requests("/connect")[1].json()
+        assert first["transport"] == "sse" and first["client"] == member["conn"]
+
+

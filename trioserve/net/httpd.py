@@ -2,7 +2,9 @@
 
 A request with ``Upgrade: websocket`` on the WebSocket path gets its 101 here
 and the socket is handed over; the h11 object is dropped after that, so a
-WebSocket connection carries no HTTP state.
+WebSocket connection carries no HTTP state. ``GET`` on the event-stream path
+(``/sse``) is handed over the same way, as an :class:`EventStream`, before its
+answer: the stream's handler decides between the 200 and an error.
 """
 
 from __future__ import annotations
@@ -24,8 +26,8 @@ from ..protocol.codes import ErrorCode
 from .admission import Admission, IdleScopes
 from .transport import Transport
 
-__all__ = ["Admitted", "HttpSite", "Request", "Response", "RouteHandler", "Router", "Upgrade", "json_error",
-           "json_response", "serve_http"]
+__all__ = ["Admitted", "EventStream", "HttpSite", "Request", "Response", "RouteHandler", "Router",
+           "Upgrade", "cors_headers", "json_error", "json_response", "serve_http"]
 
 log = logging.getLogger("trioserve.http")
 # A failing route is logged under the server's name, which operators' log filters know.
@@ -85,9 +87,24 @@ class Admitted:
     claims: Claims
 
 
-#: Asked before a 101 with the request, its token, and the peer: None lets the
-#: upgrade go on as usual, a Response refuses it, Admitted decides who it is.
-UpgradeGate = Callable[[Request, "str | None"], Awaitable["Response | Admitted | None"]]
+#: Asked before a 101 (or an event stream's 200) with the request, its token
+#: and the transport ("websocket", "sse"): None lets the connection go on as
+#: usual, a Response refuses it, Admitted decides who it is.
+UpgradeGate = Callable[[Request, "str | None", str], Awaitable["Response | Admitted | None"]]
+
+
+@attrs.frozen
+class EventStream:
+    """A ``GET`` on the event-stream path that passed the origin and admission
+    checks; it holds a reserved connection slot, like an :class:`Upgrade`."""
+
+    request: Request
+    #: The token, from ``?token=`` or ``Authorization: Bearer``.
+    token: str | None
+    #: The CORS headers its answer carries.
+    cors: list[tuple[bytes, bytes]]
+    #: What the server's gate (the connect proxy) decided, if it did.
+    admitted: Admitted | None = None
 
 
 def json_response(status: int, obj: Any, headers: list[tuple[bytes, bytes]] | None = None) -> Response:
@@ -139,6 +156,8 @@ class HttpSite:
     #: The paths that take WebSocket upgrades (the server's handlers by path).
     websocket_paths: Container[str]
     gate: UpgradeGate | None = None
+    #: The path of Server-Sent Events streams, if the server has them.
+    sse_path: str | None = None
 
 
 class _BodyTooLarge(Exception):
@@ -184,7 +203,8 @@ async def _respond(h: h11.Connection, transport: Transport, resp: Response, clos
     await transport.send_all(data)
 
 
-async def serve_http(transport: Transport, site: HttpSite, remote: str | None) -> Upgrade | None:
+async def serve_http(transport: Transport, site: HttpSite,
+                     remote: str | None) -> Upgrade | EventStream | None:
     """Serve one socket of the HTTP+WebSocket listener until it closes or upgrades.
 
     Returns None when the socket is done, or the :class:`Upgrade` after a 101.
@@ -226,6 +246,12 @@ async def serve_http(transport: Transport, site: HttpSite, remote: str | None) -
         req_headers = list(request.headers)
         if websocket.is_upgrade(req_headers):
             return await _upgrade(h, transport, site, request, req_headers, url.path, url.query, remote)
+        if url.path == site.sse_path:
+            try:
+                return await _event_stream(h, transport, site, method, req_headers, url.path, url.query,
+                                           remote)
+            except OSError:
+                return None
         if _header(req_headers, b"transfer-encoding") is not None and \
                 _header(req_headers, b"content-length") is not None:
             # The request-smuggling shape: RFC 9112 6.1 lets us refuse it, and
@@ -333,7 +359,7 @@ async def _upgrade(h: h11.Connection, transport: Transport, site: HttpSite,
         if site.gate is not None:
             token = _token(req_headers, query)
             verdict = await site.gate(Request(request.method.decode("ascii"), path, {}, req_headers,
-                                              b"", remote), token)
+                                              b"", remote), token, "websocket")
             if isinstance(verdict, Response):
                 await _refuse(h, transport, verdict)
                 admission.release()
@@ -370,6 +396,75 @@ async def _finish_upgrade(h: h11.Connection, transport: Transport, req_headers: 
         return None
     deflated = any(name == b"sec-websocket-extensions" for name, _ in headers)
     return Upgrade(bytes(trailing), _token(req_headers, query), path, deflated, admitted)
+
+
+def cors_headers(config: Config, origin: bytes | None) -> list[tuple[bytes, bytes]] | None:
+    """The CORS headers of an answer to *origin*; None if ``allowed_origins`` refuses it.
+
+    No list (the default) or ``*``: any origin may read, without credentials
+    (trioserve authenticates with tokens, not cookies). A listed origin is
+    echoed, with credentials, so a page may use ``withCredentials`` for a
+    proxy's cookie in front of the server.
+    """
+    if origin is None:
+        return []
+    allowed = config.allowed_origins
+    if not allowed or "*" in allowed:
+        return [(b"access-control-allow-origin", b"*")]
+    if origin.decode("latin-1") not in allowed:
+        return None
+    return [(b"access-control-allow-origin", origin), (b"access-control-allow-credentials", b"true"),
+            (b"vary", b"Origin")]
+
+
+async def _event_stream(h: h11.Connection, transport: Transport, site: HttpSite, method: str,
+                        req_headers: list[tuple[bytes, bytes]], path: str, query: str,
+                        remote: str | None) -> EventStream | None:
+    if method not in ("GET", "OPTIONS"):
+        wrong = json_error(405, ErrorCode.METHOD_NOT_ALLOWED, f"{method} not allowed on {path}",
+                           [(b"allow", b"GET, OPTIONS")])
+        await _refuse(h, transport, wrong, linger=site.config.close_timeout)
+        return None
+    origin = _header(req_headers, b"origin")
+    cors = cors_headers(site.config, origin)
+    if cors is None:
+        assert origin is not None
+        await _refuse(h, transport, json_error(403, ErrorCode.FORBIDDEN,
+                                               f"origin {origin.decode('latin-1')!r} is not allowed"))
+        return None
+    if method == "OPTIONS":  # a preflight: what a fetch() with headers may send
+        await _refuse(h, transport, Response(204, b"", b"text/plain", [
+            *cors, (b"access-control-allow-methods", b"GET, OPTIONS"),
+            (b"access-control-allow-headers", b"Authorization, Last-Event-ID, Cache-Control"),
+            (b"access-control-max-age", b"600")]))
+        return None
+    event = await _next_event(h, transport)
+    if not isinstance(event, h11.EndOfMessage):
+        await _refuse(h, transport, json_error(400, ErrorCode.BAD_REQUEST, "a stream request has no body"),
+                      linger=site.config.close_timeout)
+        return None
+    admission = site.admission
+    refusal = admission.refusal(remote)
+    if refusal is not None:
+        retry = [] if refusal.retry_after is None else [(b"retry-after", str(refusal.retry_after).encode())]
+        await _refuse(h, transport, json_error(503, ErrorCode.UNAVAILABLE, refusal.message, retry + cors))
+        return None
+    admission.reserve()
+    request = Request(method, path, parse_qs(query), req_headers, b"", remote)
+    token = _token(req_headers, query)
+    admitted = None
+    if site.gate is not None:
+        try:
+            verdict = await site.gate(request, token, "sse")
+        except BaseException:
+            admission.release()
+            raise
+        if isinstance(verdict, Response):
+            admission.release()
+            await _refuse(h, transport, attrs.evolve(verdict, headers=[*verdict.headers, *cors]))
+            return None
+        admitted = verdict
+    return EventStream(request, token, cors, admitted)
 
 
 def _header(headers: Sequence[tuple[bytes, bytes]], name: bytes) -> bytes | None:

@@ -73,6 +73,9 @@ class Framing:
 
     name: str
     frame_batch: Callable[[Sequence[bytes]], bytes]
+    #: Set for SSE only: publications framed with the last event left open,
+    #: for each subscriber to end with its own ``id:`` (see push.hub).
+    frame_open: Callable[[Sequence[bytes]], bytes] | None = None
 
 
 class QueueTotal:

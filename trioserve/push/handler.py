@@ -28,7 +28,8 @@ from .brokers import BrokerUnavailable
 from .hub import Subscriber
 from .service import HubContext, PublishRefused, publish, publish_many
 
-__all__ = ["MAX_RECOVERY_BYTES", "Client", "PushContext", "client_info", "leave_all", "push_handler"]
+__all__ = ["MAX_RECOVERY_BYTES", "Client", "PushContext", "client_info", "leave_all", "member_changed",
+           "push_handler"]
 
 
 class Client(Subscriber, Protocol):
@@ -232,6 +233,10 @@ def _member(server: PushContext, conn: Client, topic: str, op: str) -> None:
         broker.member_joined(topic, member, event)
     else:
         broker.member_left(topic, member, event)
+
+
+#: For the other handlers (SSE streams): *conn* joined or left *topic*.
+member_changed = _member
 
 
 def leave_all(server: PushContext, conn: Client, topics: frozenset[str]) -> None:

@@ -20,7 +20,7 @@ import itertools
 import logging
 from collections import deque
 from collections.abc import Callable, Hashable, Sequence
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import attrs
 import trio
@@ -29,8 +29,8 @@ from .brokers import Broker
 from .brokers.memory import MemoryBroker
 from .history import History, Recovery
 
-__all__ = ["Framing", "Hub", "HubClosed", "HubOverloaded", "HubStatistics", "PublishResult", "Recovery",
-           "Subscriber"]
+__all__ = ["Framing", "Hub", "HubClosed", "HubOverloaded", "HubStatistics", "PositionedSubscriber",
+           "PublishResult", "Recovery", "Subscriber"]
 
 log = logging.getLogger("trioserve.hub")
 
@@ -51,6 +51,12 @@ class Framing(Hashable, Protocol):
     @property
     def frame_batch(self) -> Callable[[Sequence[bytes]], bytes]: ...
 
+    #: None, or (SSE) how to frame publications so that each subscriber ends
+    #: the batch with its own position: the hub then calls
+    #: :meth:`PositionedSubscriber.send_at` instead of ``send_prepared``.
+    @property
+    def frame_open(self) -> Callable[[Sequence[bytes]], bytes] | None: ...
+
 
 class Subscriber(Hashable, Protocol):
     """What the hub needs of a subscribed connection (a :class:`trioserve.Connection`)."""
@@ -61,6 +67,12 @@ class Subscriber(Hashable, Protocol):
     def send_prepared(self, data: bytes, count: int = 1) -> bool: ...
 
     def start_close(self, code: int = ..., reason: str | None = None) -> None: ...
+
+
+class PositionedSubscriber(Subscriber, Protocol):
+    """A subscriber whose framing has ``frame_open`` (an SSE stream)."""
+
+    def send_at(self, data: bytes, count: int, topic: str, offset: int) -> bool: ...
 
 
 class HubClosed(Exception):
@@ -373,6 +385,8 @@ class Hub:
     def _fan_out_batch(self) -> None:
         inbox = self._inbox
         groups: dict[str, list[bytes]] = {}
+        # Each topic's offsets, for positioned framings (SSE ids).
+        offsets: dict[str, list[int]] = {}
         times = []
         history = self.history
         now = trio.current_time()
@@ -383,14 +397,18 @@ class Hub:
             group = groups.get(topic)
             if group is None:
                 groups[topic] = [payload]
+                offsets[topic] = [offset]
             else:
                 group.append(payload)
+                offsets[topic].append(offset)
         self._batches += 1
         for topic, payloads in groups.items():
             by_framing = self._topics.get(topic)
             if by_framing:
+                end = 0
                 for chunk in _chunks(payloads):
-                    self._deliver(by_framing, chunk)
+                    end += len(chunk)
+                    self._deliver(by_framing, chunk, topic, offsets[topic][end - 1])
         now = trio.current_time()  # after the sends: that is the latency
         counts = self._latency_counts
         for published_at in times:
@@ -398,13 +416,22 @@ class Hub:
             counts[bisect.bisect_left(LATENCY_BUCKETS, latency)] += 1
             self._latency_sum += latency
 
-    def _deliver(self, by_framing: dict[Framing, set[Subscriber]], payloads: list[bytes]) -> None:
+    def _deliver(self, by_framing: dict[Framing, set[Subscriber]], payloads: list[bytes],
+                 topic: str, last: int) -> None:
         count = len(payloads)
         for framing, subs in by_framing.items():
-            data = framing.frame_batch(payloads)
-            # The hot loop: one prepared buffer, one synchronous send per subscriber.
-            for conn in subs:
-                conn.send_prepared(data, count)
+            frame_open = framing.frame_open
+            if frame_open is None:
+                data = framing.frame_batch(payloads)
+                # The hot loop: one prepared buffer, one synchronous send per subscriber.
+                for conn in subs:
+                    conn.send_prepared(data, count)
+            else:
+                # SSE: the same events for all, each subscriber adds its own
+                # id (its cursor over all of its topics) in the same send.
+                data = frame_open(payloads)
+                for positioned in cast("set[PositionedSubscriber]", subs):
+                    positioned.send_at(data, count, topic, last)
             self._deliveries += count * len(subs)
 
     def statistics(self) -> HubStatistics:

@@ -234,7 +234,7 @@ def _families(server: Observed) -> list[Metric]:
         queued_bytes += conn.queued_bytes
         queued_frames += conn.queued_frames
 
-    current = {_WEBSOCKET: s.websocket_connections, _TCP: s.tcp_connections}
+    current = {_WEBSOCKET: s.websocket_connections, _TCP: s.tcp_connections, "sse": s.sse_connections}
     extra = sorted(set(s.connects_total) - set(_TRANSPORTS))
     connections = GaugeMetricFamily("trioserve_connections", "Open client connections, by transport.",
                                     labels=["transport"])

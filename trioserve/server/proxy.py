@@ -34,7 +34,7 @@ from ..push.backend import (
 )
 from .auth import Authenticator
 
-__all__ = ["HttpBackend", "upgrade_gate"]
+__all__ = ["HttpBackend", "admit"]
 
 log = logging.getLogger("trioserve.proxy")
 
@@ -215,11 +215,3 @@ async def admit(backend: HttpBackend, authenticator: Authenticator | None, reque
         return json_error(503, ErrorCode.UNAVAILABLE, str(exc), [(b"retry-after", b"1")])
     return Admitted(conn_id, proxied_claims(backend.config, result.user))
 
-
-def upgrade_gate(backend: HttpBackend, authenticator: Authenticator | None, node: str = "") -> Any:
-    """``HttpSite.gate`` for WebSocket upgrades."""
-
-    async def gate(request: Request, token: str | None) -> Response | Admitted | None:
-        return await admit(backend, authenticator, request, token, "websocket", node)
-
-    return gate

@@ -30,7 +30,8 @@ from ..net import listeners
 from ..net.admission import Admission, IdleScopes
 from ..net.connection import Connection, ConnectionClosed, ConnectionState, QueueTotal
 from ..net.heartbeat import Heartbeats
-from ..net.httpd import HttpSite, RouteHandler, Router, serve_http
+from ..net.httpd import EventStream, HttpSite, RouteHandler, Router, Upgrade, serve_http
+from ..net.sse import SseConnection
 from ..net.tcp import TcpConnection
 from ..net.transport import SocketTransport, TlsTransport, Transport
 from ..net.websocket import DeflateWebSocketConnection, WebSocketConnection
@@ -43,6 +44,7 @@ from ..push.brokers import make_broker
 from ..push.handler import leave_all, push_handler
 from ..push.history import History
 from ..push.hub import Hub
+from ..push.sse import SSE_PATH, sse_handler
 from ..push.users import UserIndex
 from .admin import ADMIN_WS_PATH, admin_stream
 from .api_admin import admin_api_routes
@@ -130,6 +132,7 @@ class Server(ApplicationLink):
         #: WebSocket handlers by path; ``ws_path`` serves the push protocol by default.
         self.ws_handlers: dict[str, Handler] = {self.config.ws_path: ws_handler or push}
         self.tcp_handler: Handler = tcp_handler or push
+        self._sse_handler: Handler = functools.partial(sse_handler, server=self)
         self.handle_signals = handle_signals
         #: Called after authentication and before the handler; raise :class:`Reject` to refuse.
         self.on_connect = on_connect
@@ -165,7 +168,8 @@ class Server(ApplicationLink):
         self._router = Router({**server_routes(self), **api_routes(self),
                                **admin_api_routes(self, self.cluster)})
         gate = self.connect_proxy if cfg.connect_proxied else None
-        self._http = HttpSite(cfg, self._admission, self._idle, self._router, self.ws_handlers, gate)
+        self._http = HttpSite(cfg, self._admission, self._idle, self._router, self.ws_handlers, gate,
+                              SSE_PATH)
         self._heartbeats = Heartbeats(self.config.ping_interval, self.config.ping_timeout,
                                       lambda: self._connections)
         self._connects: dict[str, int] = {}
@@ -221,10 +225,12 @@ class Server(ApplicationLink):
 
     def statistics(self) -> ServerStatistics:
         ws = sum(1 for c in self._connections if isinstance(c, WebSocketConnection))
+        streams = sum(1 for c in self._connections if isinstance(c, SseConnection))
         return ServerStatistics(
             connections=len(self._connections),
             websocket_connections=ws,
-            tcp_connections=len(self._connections) - ws,
+            tcp_connections=len(self._connections) - ws - streams,
+            sse_connections=streams,
             max_connections=self.max_connections,
             rejected_connections=self._admission.rejected,
             connects_total=dict(self._connects),
@@ -426,13 +432,22 @@ class Server(ApplicationLink):
             if upgrade is not None:
                 nursery = self._listeners[0].nursery
                 assert nursery is not None
+                conn: Connection
                 admitted = upgrade.admitted
-                cls = DeflateWebSocketConnection if upgrade.deflate else WebSocketConnection
-                conn = cls(transport, self.config, nursery, remote, upgrade.trailing,
-                           queue_total=self._queue_total, heartbeats=self._heartbeats,
-                           conn_id=admitted.conn_id if admitted else None)
-                if upgrade.path == ADMIN_WS_PATH:  # the status page: it sends the API key itself
-                    conn.set_claims(ANONYMOUS)
+                if isinstance(upgrade, EventStream):  # GET /sse: its handler answers
+                    conn = SseConnection(transport, self.config, nursery, remote, upgrade.request,
+                                         upgrade.cors, queue_total=self._queue_total,
+                                         heartbeats=self._heartbeats,
+                                         conn_id=admitted.conn_id if admitted else None)
+                    handler = self._sse_handler
+                else:
+                    cls = DeflateWebSocketConnection if upgrade.deflate else WebSocketConnection
+                    conn = cls(transport, self.config, nursery, remote, upgrade.trailing,
+                               queue_total=self._queue_total, heartbeats=self._heartbeats,
+                               conn_id=admitted.conn_id if admitted else None)
+                    handler = self.ws_handlers[upgrade.path]
+                if isinstance(upgrade, Upgrade) and upgrade.path == ADMIN_WS_PATH:
+                    conn.set_claims(ANONYMOUS)  # the status page: it sends the API key itself
                 elif admitted is not None:  # the connect proxy let it in
                     conn.set_claims(admitted.claims)
                 else:
@@ -440,7 +455,7 @@ class Server(ApplicationLink):
                 # The upgrade's reserved slot becomes the connection itself:
                 # _run_connection counts it before its first checkpoint.
                 self._admission.release()
-                await self._run_connection(conn, self.ws_handlers[upgrade.path])
+                await self._run_connection(conn, handler)
         finally:
             await self._close_transport(transport)
             self._admission.release_peer(peer)

@@ -30,6 +30,8 @@ class ServerStatistics:
     hub: HubStatistics
     #: Which worker of ``serve --workers N`` this is (None for a single process).
     worker_id: int | None = None
+    #: Server-Sent Events streams (``GET /sse``).
+    sse_connections: int = 0
     #: Backend proxy calls by outcome ("allowed", "refused", "unavailable"); empty without a proxy.
     proxy_calls: dict[str, int] = attrs.Factory(dict)
     #: Webhook counters ("delivered", "dropped", "failed_posts", "queued"); empty without webhooks.

@@ -75,5 +75,9 @@ class Lines:
     def frame_batch(self) -> Callable[[Any], bytes]:
         return lambda payloads: b"".join(p + b"\n" for p in payloads)
 
+    @property
+    def frame_open(self) -> None:
+        return None
+
 
 LINES = Lines()
