@@ -182,6 +182,8 @@ export declare class Client {
   getSubscription(topic: string): Subscription | null;
   publish(topic: string, data: Json | unknown): Promise<PublishResult>;
   presence(topic: string): Promise<ClientInfo[]>;
+  /** Call the application's backend (the server's proxy_rpc_url); resolves to its result. */
+  rpc<R = any>(method: string, data?: Json | unknown): Promise<R>;
   ping(): Promise<void>;
   request(op: string, fields?: Record<string, unknown>, options?: { retry?: boolean }): Promise<Record<string, any>>;
   statistics(): ClientStatistics;
@@ -197,7 +199,7 @@ export declare class Client {
 export declare class TrioserveError extends Error {
   constructor(code: string, message: string, details?: Record<string, unknown>);
   readonly code: string;
-  /** The HTTP status, for errors of the HTTP API. */
+  /** The HTTP status, for errors of the HTTP API; the backend's code, for "rpc_error". */
   readonly status?: number;
   /** The close code, for "closed" and "unauthorized" after a close. */
   readonly closeCode?: number;

@@ -54,7 +54,10 @@ function serverError(reply) {
   const error = reply && typeof reply.error === "object" && reply.error !== null ? reply.error : {};
   const code = typeof error.code === "string" ? error.code : "error";
   const message = typeof error.message === "string" ? error.message : "the server refused the request";
-  return new TrioserveError(code, `${code}: ${message}`, { serverMessage: message });
+  const details = { serverMessage: message };
+  // An rpc_error carries the application backend's own code.
+  if (Number.isInteger(error.status)) details.status = error.status;
+  return new TrioserveError(code, `${code}: ${message}`, details);
 }
 
 function toInt(value) {
@@ -377,6 +380,16 @@ export class Client {
   presence(topic) {
     return this._request({ op: "presence", topic }, { retry: true })
       .then((reply) => (Array.isArray(reply.clients) ? reply.clients : []));
+  }
+
+  /**
+   * Call `method` on the application's backend through the server (its
+   * proxy_rpc_url) and get the backend's result. A refusal rejects with code
+   * "rpc_error" and the backend's code as `status`. Not resent after a
+   * reconnect: the backend may have acted on it.
+   */
+  rpc(method, data = null) {
+    return this._request({ op: "rpc", method, data }, { retry: false }).then((reply) => reply.result);
   }
 
   /** One round trip. */
