@@ -26,7 +26,7 @@ import os
 import socket
 import time
 from array import array
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 import orjson
@@ -509,19 +509,23 @@ def publication_data(size: int) -> dict[str, Any]:
 
 
 def publish_burst(
-    client: PushClient, topic: str, count: int, size: int,
+    client: PushClient, topic: str | Sequence[str], count: int, size: int,
 ) -> tuple[float, list[asyncio.Future[dict[str, Any]]]]:
     """Write ``count`` publish frames back to back; don't wait for replies.
 
-    Each data object carries its own send time, padded to ``size`` bytes of
-    JSON. Returns the time taken just before the first frame and the futures
-    of the replies.
+    *topic* is one topic, or a list that publication *i* takes entry ``i % len``
+    of (the rooms scenario spreads a burst over all its topics). Each data
+    object carries its own send time, padded to ``size`` bytes of JSON.
+    Returns the time taken just before the first frame and the futures of
+    the replies.
     """
+    topics = (topic,) if isinstance(topic, str) else topic
     futures = []
     first = 0.0
     for i in range(count):
         data = publication_data(size)
         if i == 0:
             first = data["t"]
-        futures.append(client.request_nowait({"op": "publish", "topic": topic, "data": data}))
+        futures.append(client.request_nowait({"op": "publish", "topic": topics[i % len(topics)],
+                                              "data": data}))
     return first, futures
