@@ -104,7 +104,7 @@ async def _handle_one(conn: Client, server: PushContext, message: str | bytes) -
             conn.start_close(CloseCode.UNAUTHORIZED,
                              'unauthorized: send {"op":"connect","token":...} first')
             return None
-        if cmd.op == "publish" and server.hub.broker.pipelined:
+        if cmd.op == "publish":
             return await _publish_run(conn, server, cmd)
         reply = await _dispatch(conn, server, cmd)
     except ProtocolError as exc:
@@ -120,10 +120,13 @@ MAX_PUBLISH_RUN = 1000
 async def _publish_run(conn: Client, server: PushContext, first: Command) -> str | bytes | None:
     """*first* and the publishes already received behind it, published together.
 
-    With a pipelined broker (the embedded one) a burst from one client is then
-    in flight at once, and reaches the subscribers in one fan-out batch, as
-    it does with the memory broker. Replies go out in the commands' order.
-    Returns the message that ended the run, if it is not a publish.
+    With a pipelined broker (the embedded one, Redis) a burst from one client
+    is then in flight at once, and reaches the subscribers in one fan-out
+    batch, as it does with the memory broker. Replies go out in the commands'
+    order, framed together in one send: one ``send()`` per run instead of one
+    per publication (a profile of the rooms burst found the publisher's
+    replies at 15% of the server's time). Returns the message that ended the
+    run, if it is not a publish.
     """
     replies: list[bytes | int] = []  # a ready reply, or an index into items
     items: list[tuple[str, Any]] = []
@@ -152,6 +155,7 @@ async def _publish_run(conn: Client, server: PushContext, first: Command) -> str
             replies.append(encode_error(ErrorCode.RATE_LIMITED, _rate_message(server), cmd.id))
             cmd = None
     results = await publish_many(server.hub, items) if items else []
+    out: list[bytes] = []
     for reply in replies:
         if isinstance(reply, int):
             result = results[reply]
@@ -159,7 +163,8 @@ async def _publish_run(conn: Client, server: PushContext, first: Command) -> str
                 reply = encode_error(result.code, result.message, ids[reply])
             else:
                 reply = encode_reply(ids[reply], offset=result.offset, subscribers=result.subscribers)
-        conn.send_encoded(reply)
+        out.append(reply)
+    conn.send_prepared(conn.framing.frame_batch(out), len(out))
     return leftover
 
 

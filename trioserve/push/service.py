@@ -67,12 +67,22 @@ async def publish(hub: Hub, topic: str, data: Any, *, wait: bool) -> PublishResu
 
 
 async def publish_many(hub: Hub, items: Sequence[tuple[str, Any]]) -> list[PublishResult | PublishRefused]:
-    """Publish a run of ``(topic, data)`` through a pipelined broker (``broker.pipelined``):
-    all of them in flight at once, so the sequencer relays them together and
-    they reach the subscribers in one fan-out batch. Per item its result, or
-    why it was refused."""
+    """Publish a run of ``(topic, data)``. Per item its result, or why it was refused.
+
+    A synchronous broker (memory) publishes each at once, with no checkpoint
+    unless the inbox is full (then it waits, as a client's ``publish`` does),
+    so the run lands in one fan-out batch. A pipelined broker has all of them
+    in flight at once, so the sequencer relays them together."""
     if hub.closed:
         return [PublishRefused(ErrorCode.UNAVAILABLE, "server is draining")] * len(items)
+    if hub.broker.synchronous:
+        done: list[PublishResult | PublishRefused] = []
+        for topic, data in items:
+            try:
+                done.append(await publish(hub, topic, data, wait=True))
+            except PublishRefused as exc:
+                done.append(exc)
+        return done
     results = await hub.broker.publish_many(items)
     out: list[PublishResult | PublishRefused] = []
     for (topic, _), result in zip(items, results, strict=True):
