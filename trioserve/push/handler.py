@@ -22,10 +22,11 @@ from ..protocol.messages import (
     encode_presence_event,
     encode_reply,
     parse_command,
+    parse_publications,
 )
 from .brokers import BrokerUnavailable
 from .hub import Subscriber
-from .service import HubContext, PublishRefused, publish, publish_many
+from .service import HubContext, PublishRefused, publish, publish_many, result_fields
 
 __all__ = ["MAX_RECOVERY_BYTES", "Client", "PushContext", "client_info", "leave_all", "push_handler"]
 
@@ -168,13 +169,25 @@ async def _publish_run(conn: Client, server: PushContext, first: Command) -> str
     return leftover
 
 
-def _check_publish(conn: Client, server: PushContext, cmd: Command) -> None:
+def _check_publish(conn: Client, server: PushContext, cmd: Command, topic: str | None = None) -> None:
     claims = conn.claims
     assert claims is not None
-    allowed = server.config.client_publish if claims.anonymous else claims.may_publish(cmd.topic)
+    topic = cmd.topic if topic is None else topic
+    allowed = server.config.client_publish if claims.anonymous else claims.may_publish(topic)
     if not allowed:
         raise _forbidden(cmd, "client publish is disabled on this server (--client-publish)"
-                         if claims.anonymous else f"the token does not allow publishing to {cmd.topic}")
+                         if claims.anonymous else f"the token does not allow publishing to {topic}")
+
+
+async def _publish_batch(conn: Client, server: PushContext, cmd: Command) -> bytes:
+    """``{"op":"publish_batch","publications":[{topic, data}, ...]}``: one offset per
+    publication, in order; the reply's ``results`` has one entry per publication.
+    A topic the client may not publish to refuses the whole batch."""
+    items = parse_publications(cmd.fields["publications"], cmd.id)
+    for topic, _ in items:
+        _check_publish(conn, server, cmd, topic)
+    results = await publish_many(server.hub, items)
+    return encode_reply(cmd.id, results=[result_fields(r) for r in results])
 
 
 def _rate_message(server: PushContext) -> str:
@@ -242,6 +255,8 @@ async def _dispatch(conn: Client, server: PushContext, cmd: Command) -> bytes:
         except PublishRefused as exc:
             raise ProtocolError(exc.code, exc.message, cmd.id) from None
         return encode_reply(cmd.id, offset=result.offset, subscribers=result.subscribers)
+    if op == "publish_batch":
+        return await _publish_batch(conn, server, cmd)
     if op == "presence":
         assert claims is not None
         if not claims.presence:
