@@ -154,6 +154,10 @@ class PushClient(asyncio.BufferedProtocol):
         self.burst_count = 0  # pubs accounted on this connection (per burst for fanout.py)
         self.gaps = 0
         self.dups = 0
+        # A connection subscribed to several topics (``trioserve bench rooms``)
+        # checks offsets per topic: topic -> [last offset, received, gaps, dups].
+        # None (the usual case) keeps the per-connection fields above.
+        self.per_topic: dict[str, list[int]] | None = None
         self.unexpected = 0
         self.close_reason = ""
         # The server's close code (WebSocket close frame or NDJSON close line);
@@ -188,6 +192,10 @@ class PushClient(asyncio.BufferedProtocol):
             if msg.get("op") == "pub":
                 d = self.deliveries
                 off = msg["offset"]
+                per = self.per_topic
+                if per is not None:
+                    self._on_topic_pub(per, msg, off, now)
+                    return
                 last = self.last_offset
                 if off != last + 1:
                     if off <= last:
@@ -222,6 +230,30 @@ class PushClient(asyncio.BufferedProtocol):
             fut.set_result(msg)
         except (orjson.JSONDecodeError, AttributeError, KeyError, TypeError):
             self.unexpected += 1
+
+    def _on_topic_pub(self, per: dict[str, list[int]], msg: dict[str, Any], off: int, now: float) -> None:
+        """A publication on a connection with several topics: offsets checked per topic."""
+        entry = per.get(msg["topic"])
+        d = self.deliveries
+        if entry is None or d is None:
+            self.unexpected += 1
+            return
+        last = entry[0]
+        if off != last + 1:
+            if off <= last:
+                entry[3] += 1
+                return
+            entry[2] += off - last - 1
+        entry[0] = off
+        entry[1] += 1
+        self.burst_count += 1
+        if d.stamped:
+            d.lat.append(now - msg["data"]["t"])
+        d.received += 1
+        d.last_recv = now
+        d.remaining -= 1
+        if d.remaining == 0:
+            d.done.set()
 
     def account(self, pub: dict[str, Any], now: float) -> None:
         """A publication that came another way (a recovering subscribe's reply)."""
