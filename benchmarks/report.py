@@ -335,11 +335,15 @@ def intro(config: dict[str, Any], date: str) -> list[str]:
     client = (f"Load client: {config['client_procs']} processes on {config.get('client_loop', 'asyncio')}, "
               f"{config['connect_concurrency']} connects in flight each. See `benchmarks/README.md` "
               f"for how each number is measured.")
+    topics = config.get("topics", 1)
+    where = "on one topic" if topics == 1 else (
+        f"over {topics:,} topics ({config['subscribers'] // topics:,} per topic), publications "
+        f"spread evenly over the topics")
     if config.get("mode", "burst") == "rate":
         return [
             f"## Fan-out latency at a fixed rate ({date})",
             "",
-            f"{config['subscribers']:,} subscribers on one topic; one publisher connection sends "
+            f"{config['subscribers']:,} subscribers {where}; one publisher connection sends "
             f"{config['rate']:g} publications/s with {config['size']}-byte data for "
             f"{config['duration']:g} s ({config['rate_publications']:,} publications) on a fixed "
             f"schedule, each stamped with its send time. Latency percentiles are over every "
@@ -350,7 +354,7 @@ def intro(config: dict[str, Any], date: str) -> list[str]:
     return [
         f"## Fan-out benchmark ({date})",
         "",
-        f"{config['subscribers']:,} subscribers on one topic, bursts of {config['publications']} "
+        f"{config['subscribers']:,} subscribers {where}; bursts of {config['publications']:,} "
         f"publications with {config['size']}-byte data from one publisher connection; "
         f"{config['bursts']} bursts per server, medians reported. {client}",
     ]
