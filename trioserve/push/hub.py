@@ -95,6 +95,10 @@ class HubStatistics:
     #: counts per upper bound in LATENCY_BUCKETS (the last is +Inf), sum, count.
     fanout_latency_buckets: tuple[int, ...]
     fanout_latency_sum: float
+    #: Extra reader passes the fan-out waited for under backlog (Hub._gather).
+    gathered: int = 0
+    #: send() calls saved by joining a connection's topics within a round.
+    coalesced: int = 0
 
 
 class Hub:
@@ -525,6 +529,8 @@ class Hub:
             closed=self._closed,
             fanout_latency_buckets=tuple(itertools.accumulate(self._latency_counts)),
             fanout_latency_sum=self._latency_sum,
+            gathered=self._gathered,
+            coalesced=self._coalesced,
         )
 
 
