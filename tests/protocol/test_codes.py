@@ -69,6 +69,7 @@ def test_error_code_values_are_wire_strings() -> None:
         "internal",
         "rate_limited",
         "too_many_subscriptions",
+        "batch_too_large",
     }
     assert ErrorCode("unknown_op") is ErrorCode.UNKNOWN_OP
     assert isinstance(ErrorCode.BAD_REQUEST, str)
