@@ -40,6 +40,9 @@ log = logging.getLogger("trioserve.hub")
 MAX_BATCH = 16384
 #: Seconds a round under backlog may wait for readers to add more (see Hub._gather).
 MAX_GATHER = 0.05
+#: Rounds shorter than this (seconds) are not followed by gathering: at a steady
+#: rate a round is a few publications, and a gathering pass would only delay them.
+MIN_GATHER_ROUND = 0.001
 #: Bytes of one topic's joined buffer; a larger batch is sent in several.
 MAX_BATCH_BYTES = 256 * 1024
 DEFAULT_HISTORY_SIZE = 100
@@ -404,12 +407,13 @@ class Hub:
                 if not inbox:
                     continue
                 # Woken from idle: send at once, whatever is there.
-            else:
+            elif round_time >= MIN_GATHER_ROUND:
                 # Work piled up while the last round ran: under backlog, let
                 # the readers parse what their sockets already hold before
                 # sending, so each topic's batch (and each subscriber's send)
                 # carries more. Stop when a pass adds nothing, or after about
-                # one round's time, so latency grows by at most that.
+                # one round's time, so latency grows by at most that. A short
+                # round (a steady trickle) is followed by the next at once.
                 await self._gather(round_time)
             self._busy = True
             started = trio.current_time()
