@@ -154,7 +154,10 @@ async def _publish_run(conn: Client, server: PushContext, first: Command) -> str
             break
         if not conn.check_rate():
             replies.append(encode_error(ErrorCode.RATE_LIMITED, _rate_message(server), cmd.id))
-            cmd = None
+            # End the run at the first refusal: its replies must go out before
+            # the close (4029) that the limiter starts for a client that keeps
+            # going; the messages after this one are handled one at a time.
+            break
     results = await publish_many(server.hub, items) if items else []
     out: list[bytes] = []
     for reply in replies:
