@@ -8,6 +8,8 @@ whether each server keeps up). Run from the repository root:
     .venv/bin/python benchmarks/fanout.py [--subscribers 5000] [--bursts 3] ...
     .venv/bin/python benchmarks/fanout.py --mode rate [--rate 5] [--duration 10] ...
     .venv/bin/python benchmarks/fanout.py --servers trioserve,trioserve-redis  # memory vs Redis broker
+    .venv/bin/python benchmarks/fanout.py --scenario rooms --servers trioserve,websockets,go-hub
+    .venv/bin/python benchmarks/fanout.py --scenario rooms --mode rate  # steady 5,000/s over the rooms
 
 See benchmarks/README.md for what each number means and how it is measured.
 """
@@ -43,15 +45,10 @@ from benchmarks.serverproc import (  # noqa: E402
     report_exc,
     wait_ready,
 )
+from trioserve.bench.burst import publish_burst, subscribe  # noqa: E402
 from trioserve.bench.payloads import PAYLOADS  # noqa: E402
 from trioserve.bench.pool import connect_totals, resolve_loop  # noqa: E402
-from trioserve.bench.wsclient import (  # noqa: E402
-    Deliveries,
-    WsClient,
-    open_ws,
-    publish_burst,
-    subscribe,
-)
+from trioserve.bench.wsclient import Deliveries, WsClient, open_ws  # noqa: E402
 
 WARMUP_TOPIC = "warmup"  # separate topic, so `bench` offsets start at 1
 
@@ -89,13 +86,23 @@ def split(items: list[str], parts: int) -> list[list[str]]:
     return [items[i::parts] for i in range(parts)]
 
 
+def topic_names(scenario: str, topics: int) -> list[str]:
+    """The single topic ``bench``, or the rooms ``room.0`` … ``room.<topics-1>``."""
+    return [TOPIC] if scenario == "single" else [f"room.{i}" for i in range(topics)]
+
+
 async def connect_phase(workers: Workers, port: int, args: argparse.Namespace,
                         deflate: bool = False) -> dict[str, Any]:
-    shares = split(source_ips(args.subscribers, args.conns_per_ip), len(workers))
-    cmds = [{"op": "connect", "host": HOST, "port": port, "src_ips": share, "topic": TOPIC,
+    ips = source_ips(args.subscribers, args.conns_per_ip)
+    names = args.topic_names
+    # Subscriber i joins room i % topics: every room gets subscribers / topics of them.
+    topics = [names[i % len(names)] for i in range(args.subscribers)]
+    parts = len(workers)
+    cmds = [{"op": "connect", "host": HOST, "port": port, "src_ips": ip_share, "topics": topic_share,
              "deflate": deflate,
              "concurrency": args.connect_concurrency, "timeout": args.connect_timeout,
-             "phase_timeout": args.phase_timeout} for share in shares]
+             "phase_timeout": args.phase_timeout}
+            for ip_share, topic_share in zip(split(ips, parts), split(topics, parts), strict=True)]
     replies = await workers.ask(cmds, args.phase_timeout + 30)
     return {**connect_totals(replies), "per_process": [r["ok"] for r in replies]}
 
@@ -121,15 +128,17 @@ async def fanout_batches(server: ServerProcess) -> int | None:
 async def run_burst(workers: Workers, server: ServerProcess, publisher: WsClient,
                     args: argparse.Namespace) -> dict[str, Any]:
     def start() -> Coroutine[Any, Any, Sent]:
-        t_first, acks = publish_burst(publisher, TOPIC, args.publications, args.size, args.payload)
+        t_first, acks = publish_burst(publisher, args.topic_names, args.publications, args.size,
+                                      args.payload)
         return collect_acks(t_first, acks)
 
     async def collect_acks(t_first: float, acks: list[asyncio.Future[dict[str, Any]]]) -> Sent:
         return Sent(t_first, t_first, await gather_acks(acks, args.burst_timeout))
 
     batches0 = await fanout_batches(server)
-    res = await delivery_phase(workers, server, args.publications, args.burst_timeout,
-                               args.stall_timeout, start)
+    # Each subscriber has one topic: it gets publications / topics of the burst.
+    res = await delivery_phase(workers, server, args.publications // len(args.topic_names),
+                               args.burst_timeout, args.stall_timeout, start)
     batches1 = await fanout_batches(server)
     received = res.counts["received"]
     span = res.last_recv - res.sent.t_first if received else None
@@ -159,7 +168,7 @@ def burst_line(n: int, b: dict[str, Any]) -> str:
             f"{report.fmt(b['client_cpu_us_per_delivery'], '.2f')} us/delivery, "
             f"p50 {report.fmt(lat['p50_ms'], '.1f')} ms, p99 {report.fmt(lat['p99_ms'], '.1f')} ms, "
             f"gaps {b['gaps']}, dups {b['dups']}, closed {b['closed_conns']}, "
-            f"status {','.join(b['worker_status'])}")
+            f"topics with loss {b['lossy_topics']}, status {','.join(b['worker_status'])}")
 
 
 # -- one server, start to finish -------------------------------------------------
@@ -258,14 +267,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--mode", choices=("burst", "rate"), default="burst",
                    help="burst: bursts of --publications sent back to back; "
                         "rate: --rate publications/s for --duration seconds")
-    p.add_argument("--subscribers", type=int, default=5000)
-    p.add_argument("--publications", type=int, default=100, help="burst: publications per burst")
+    p.add_argument("--scenario", choices=("single", "rooms"), default="single",
+                   help="single: every subscriber on one topic; rooms: subscriber i on topic "
+                        "room.<i %% topics>, publications spread evenly over the topics")
+    p.add_argument("--subscribers", type=int, default=None,
+                   help="subscriber connections (default: 5000 single, 4000 rooms)")
+    p.add_argument("--topics", type=int, default=None,
+                   help="rooms: topics (default: subscribers / 10, so 10 subscribers per room)")
+    p.add_argument("--publications", type=int, default=None,
+                   help="burst: publications per burst, rounded down to a multiple of --topics "
+                        "(default: 100 single, 20000 rooms)")
     p.add_argument("--size", type=int, default=64, help="bytes of JSON data per publication")
     p.add_argument("--payload", choices=PAYLOADS, default="pad",
                    help='publication data: "pad" (a run of "x") or "json" (a realistic '
                         "leaderboard document; use it to measure compression)")
-    p.add_argument("--bursts", type=int, default=3, help="burst: bursts per server; medians reported")
-    p.add_argument("--rate", type=float, default=5.0, help="rate: publications per second")
+    p.add_argument("--bursts", type=int, default=None,
+                   help="burst: bursts per server; medians reported (default: 3 single, 2 rooms)")
+    p.add_argument("--rate", type=float, default=None,
+                   help="rate: publications per second (default: 5 single, 5000 rooms)")
     p.add_argument("--duration", type=float, default=10.0, help="rate: seconds of publishing")
     p.add_argument("--drain-timeout", type=float, default=60.0,
                    help="rate: after the last publication, wait at most this long for the "
@@ -296,12 +315,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if unknown or not names:
         p.error(f"unknown server(s) {unknown}; choose from {', '.join(SERVERS)}")
     args.server_names = names
+    rooms = args.scenario == "rooms"
+    args.subscribers = args.subscribers or (4000 if rooms else 5000)
+    args.topics = 1 if not rooms else args.topics or max(1, args.subscribers // 10)
+    args.publications = args.publications or (20_000 if rooms else 100)
+    args.publications -= args.publications % args.topics
+    args.rate = args.rate or (5000.0 if rooms else 5.0)
+    args.bursts = args.bursts or (2 if rooms else 3)
+    args.topic_names = topic_names(args.scenario, args.topics)
+    if args.publications < 1 or args.topics > args.subscribers:
+        p.error("rooms: need --publications >= --topics and --topics <= --subscribers")
     if min(args.subscribers, args.publications, args.bursts, args.client_procs,
            args.connect_concurrency, args.conns_per_ip) < 1:
         p.error("counts must be >= 1")
     if min(args.rate, args.duration, args.drain_timeout) <= 0 or args.kept_up_within < 0:
         p.error("--rate, --duration and --drain-timeout must be > 0, --kept-up-within >= 0")
-    args.rate_publications = planned_publications(args.rate, args.duration)
+    planned = planned_publications(args.rate, args.duration)
+    args.rate_publications = max(args.topics, planned - planned % args.topics)
     if 2 + (args.subscribers - 1) // args.conns_per_ip > 254:
         p.error("too many subscribers for --conns-per-ip: source addresses run past 127.0.0.255")
     return args
@@ -322,19 +352,19 @@ async def run(args: argparse.Namespace) -> int:
     if args.mode == "rate":
         summaries = [report.summarize_rate(r) for r in results]
         rats = report.rate_ratios(summaries)
-        rows = report.rate_table_rows(summaries, rats)
+        rows = report.rate_table_rows(summaries, rats, report.rate_ratios(summaries, report.GO_HUB))
         notes = report.rate_notes(summaries, args.kept_up_within)
     else:
         summaries = [report.summarize(r) for r in results]
         rats = report.ratios(summaries)
-        rows = report.table_rows(summaries, rats)
+        rows = report.table_rows(summaries, rats, go_rats=report.ratios(summaries, report.GO_HUB))
         notes = report.notes(summaries)
     command = report.command_line()
     print()
     print(report.render_text(rows))
     for note in notes:
         print(f"note: {note}")
-    config = {k: v for k, v in vars(args).items() if k != "server_names"}
+    config = {k: v for k, v in vars(args).items() if k not in ("server_names", "topic_names")}
     config["client_loop"] = resolve_loop("auto")
     if args.json:
         report.write_json(args.json, {"command": command, "machine": machine, "config": config,

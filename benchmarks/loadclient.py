@@ -17,8 +17,9 @@ import gc
 import time
 from typing import Any
 
+from trioserve.bench.burst import subscribe
 from trioserve.bench.pool import Workers, describe, own_cpu
-from trioserve.bench.wsclient import Deliveries, WsClient, open_ws, subscribe
+from trioserve.bench.wsclient import Deliveries, WsClient, open_ws
 from trioserve.net.listeners import raise_fd_limit
 
 __all__ = ["FanoutWorker", "Workers", "raise_fd_limit", "start_workers"]
@@ -29,6 +30,7 @@ class FanoutWorker:
         self.index = index
         self.deliveries = Deliveries()
         self.clients: list[WsClient] = []
+        self.topics: list[str] = []  # each client's topic, in step with ``clients``
 
     def op_ping(self, cmd: dict[str, Any]) -> dict[str, Any]:
         return {"pong": self.index}
@@ -36,14 +38,18 @@ class FanoutWorker:
     async def op_connect(self, cmd: dict[str, Any]) -> dict[str, Any]:
         """Open and subscribe one connection per source IP in ``cmd['src_ips']``.
 
-        At most ``concurrency`` connections are in flight, so the measured
-        rate is at a fixed, stated concurrency.
+        Each subscribes to ``cmd['topic']``, or (the rooms scenario) to its own
+        entry of ``cmd['topics']``, a list in step with ``src_ips``. At most
+        ``concurrency`` connections are in flight, so the measured rate is at a
+        fixed, stated concurrency.
         """
         sem = asyncio.Semaphore(cmd["concurrency"])
         errors: collections.Counter[str] = collections.Counter()
         finished: list[float] = []
 
-        async def one(src_ip: str) -> None:
+        topics = cmd.get("topics") or [cmd["topic"]] * len(cmd["src_ips"])
+
+        async def one(src_ip: str, topic: str) -> None:
             async with sem:
                 try:
                     client = await open_ws(cmd["host"], cmd["port"], src_ip, self.deliveries,
@@ -52,7 +58,7 @@ class FanoutWorker:
                     errors[describe(exc)] += 1
                     return
                 try:
-                    await subscribe(client, cmd["topic"], cmd["timeout"])
+                    await subscribe(client, topic, cmd["timeout"])
                 except Exception as exc:
                     errors[describe(exc)] += 1
                     client.close()
@@ -62,10 +68,11 @@ class FanoutWorker:
                     client.close()
                     return
                 self.clients.append(client)
+                self.topics.append(topic)
                 finished.append(time.monotonic())
 
         start = time.monotonic()
-        tasks = [asyncio.create_task(one(ip)) for ip in cmd["src_ips"]]
+        tasks = [asyncio.create_task(one(ip, t)) for ip, t in zip(cmd["src_ips"], topics, strict=True)]
         _, pending = await asyncio.wait(tasks, timeout=cmd["phase_timeout"])
         for task in pending:
             task.cancel()
@@ -130,9 +137,12 @@ class FanoutWorker:
         open_clients = self.open_clients()
         offsets = [c.last_offset for c in open_clients] or [0]
         reasons = collections.Counter(c.close_reason for c in clients if c.closed.done())
+        # Per-topic loss: the topics where some subscriber (open or not) came up short.
+        lossy = sorted({t for c, t in zip(clients, self.topics, strict=True) if c.burst_count < per})
         return {
             "latencies": self.deliveries.lat.tobytes(),
             "short_conns": sum(1 for c in open_clients if c.burst_count < per),
+            "lossy_topics": lossy,
             "gaps": sum(c.gaps for c in clients),
             "dups": sum(c.dups for c in clients),
             "unexpected": sum(c.unexpected for c in clients),
@@ -152,6 +162,7 @@ class FanoutWorker:
             await asyncio.wait(closed, timeout=10)
         count = len(self.clients)
         self.clients = []
+        self.topics = []
         gc.unfreeze()
         return {"closed": count}
 

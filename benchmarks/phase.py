@@ -112,6 +112,7 @@ async def delivery_phase(workers: Workers, server: ServerProcess, publications: 
         "dups": sum(d["dups"] for d in details),
         "unexpected_frames": sum(d["unexpected"] for d in details),
         "short_conns": sum(d["short_conns"] for d in details),
+        "lossy_topics": len(set().union(*(d["lossy_topics"] for d in details))),
         "closed_conns": sum(d["closed"] for d in details),
         "close_reasons": [d["close_reasons"] for d in details if d["close_reasons"]],
         "subscriber_last_offset": [min(d["last_offset_min"] for d in details),

@@ -15,13 +15,15 @@ import asyncio
 import math
 import statistics
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from benchmarks import report
 from benchmarks.loadclient import Workers
 from benchmarks.phase import TOPIC, Sent, delivery_phase, gather_acks, sys_share
 from benchmarks.serverproc import ServerProcess
-from trioserve.bench.wsclient import WsClient, publish_burst
+from trioserve.bench.burst import publish_burst
+from trioserve.bench.wsclient import WsClient
 
 
 def planned_publications(rate: float, duration: float) -> int:
@@ -29,13 +31,14 @@ def planned_publications(rate: float, duration: float) -> int:
 
 
 async def paced_publish(publisher: WsClient, count: int, rate: float, size: int,
-                        ack_timeout: float) -> Sent:
+                        ack_timeout: float, topics: Sequence[str] = (TOPIC,)) -> Sent:
     """Send publication i at start + i/rate, each stamped with its own send time.
 
     The schedule is fixed up front: a late send (the harness's loop was busy)
     does not push back the ones after it, so the rate over the phase is the
-    one asked for. How late the sends were is reported; the latency is
-    measured from the stamp, so a late send does not count as server latency.
+    one asked for. Publication i goes to ``topics[i % len(topics)]``. How late
+    the sends were is reported; the latency is measured from the stamp, so a
+    late send does not count as server latency.
     """
     acks: list[asyncio.Future[dict[str, Any]]] = []
     lags: list[float] = []
@@ -48,7 +51,7 @@ async def paced_publish(publisher: WsClient, count: int, rate: float, size: int,
             await asyncio.sleep(delay)
         if publisher.closed.done():
             break  # nothing more reaches the server; what was not sent shows as lost
-        t, futures = publish_burst(publisher, TOPIC, 1, size)
+        t, futures = publish_burst(publisher, topics[i % len(topics)], 1, size)
         acks.extend(futures)
         lags.append(max(0.0, t - due))
         if i == 0:
@@ -67,12 +70,14 @@ async def paced_publish(publisher: WsClient, count: int, rate: float, size: int,
 async def run_rate(workers: Workers, server: ServerProcess, publisher: WsClient,
                    args: argparse.Namespace) -> dict[str, Any]:
     count = args.rate_publications
+    topics = args.topic_names
     # A stall must be longer than the gap between two publications, or a slow
     # rate would end the phase between them.
     stall = max(args.stall_timeout, 3 / args.rate)
+    # Each subscriber has one topic: it gets count / topics of the publications.
     res = await delivery_phase(
-        workers, server, count, args.duration + args.drain_timeout, stall,
-        lambda: paced_publish(publisher, count, args.rate, args.size, args.drain_timeout))
+        workers, server, count // len(topics), args.duration + args.drain_timeout, stall,
+        lambda: paced_publish(publisher, count, args.rate, args.size, args.drain_timeout, topics))
     received = res.counts["received"]
     sent = res.sent
     backlog = res.last_recv - sent.t_last if received and not math.isnan(sent.t_last) else None

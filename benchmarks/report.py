@@ -29,6 +29,8 @@ __all__ = ["command_line", "fmt", "json_safe", "kept_up_text", "latency_stats", 
            "render_text", "summarize", "summarize_rate", "table_rows", "write_json", "write_markdown"]
 
 BASELINE = "websockets"
+#: The second anchor of the rooms scenario: a Go gorilla/websocket hub.
+GO_HUB = "go-hub"
 #: trioserve with the Redis broker is also compared with trioserve (memory broker).
 MEMORY, REDIS = "trioserve", "trioserve-redis"
 
@@ -80,6 +82,7 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
         "dups": sum(b["dups"] for b in bursts),
         "wire_bytes_per_delivery": median_of(bursts, lambda b: b.get("wire_bytes_per_delivery")),
         "wire_ratio": median_of(bursts, lambda b: b.get("wire_ratio")),
+        "lossy_topics": sum(b.get("lossy_topics", 0) for b in bursts),
     }
 
 
@@ -101,6 +104,7 @@ def summarize_rate(result: dict[str, Any]) -> dict[str, Any]:
         "lost": r.get("lost", 0),
         "gaps": r.get("gaps", 0),
         "dups": r.get("dups", 0),
+        "lossy_topics": r.get("lossy_topics", 0),
         "worker_status": r.get("worker_status", []),
         **{k: lat.get(k) for k in LATENCY_KEYS},
         "server_cpu_us_per_delivery": r.get("server_cpu_us_per_delivery"),
@@ -131,9 +135,9 @@ def broker_ratios(summaries: list[dict[str, Any]],
     return {k: ratio(redis.get(k), memory.get(k)) for k in keys}
 
 
-def ratios(summaries: list[dict[str, Any]]) -> dict[str, dict[str, float | None]]:
-    """Each server against websockets measured in the same run."""
-    base = next((s for s in summaries if s["server"] == BASELINE), None)
+def ratios(summaries: list[dict[str, Any]], baseline: str = BASELINE) -> dict[str, dict[str, float | None]]:
+    """Each server against *baseline* (websockets) measured in the same run."""
+    base = next((s for s in summaries if s["server"] == baseline), None)
     if base is None:
         return {}
     out = {}
@@ -146,6 +150,7 @@ def ratios(summaries: list[dict[str, Any]]) -> dict[str, dict[str, float | None]
             "handshakes_per_s": ratio(s["handshakes_per_s"], base["handshakes_per_s"]),
             "server_cpu_us_per_handshake": ratio(s["server_cpu_us_per_handshake"],
                                                  base["server_cpu_us_per_handshake"]),
+            "p99_ms": ratio(s["p99_ms"], base["p99_ms"]),
         }
     return out
 
@@ -153,9 +158,10 @@ def ratios(summaries: list[dict[str, Any]]) -> dict[str, dict[str, float | None]
 RATE_RATIO_KEYS = ("p50_ms", "p99_ms", "server_cpu_us_per_delivery")
 
 
-def rate_ratios(summaries: list[dict[str, Any]]) -> dict[str, dict[str, float | None]]:
-    """Rate mode: latency and CPU per delivery against websockets in the same run."""
-    base = next((s for s in summaries if s["server"] == BASELINE), None)
+def rate_ratios(summaries: list[dict[str, Any]],
+                baseline: str = BASELINE) -> dict[str, dict[str, float | None]]:
+    """Rate mode: latency and CPU per delivery against *baseline* (websockets) in the same run."""
+    base = next((s for s in summaries if s["server"] == baseline), None)
     if base is None:
         return {}
     return {s["server"]: {k: ratio(s[k], base[k]) for k in RATE_RATIO_KEYS} for s in summaries}
@@ -189,12 +195,14 @@ ROWS: list[Row] = [
     ("latency max ms (median)", lambda s: fmt(s["max_ms"], ".1f")),
     ("lost / expected (all bursts)", lambda s: f"{s['lost']:,} / {s['expected']:,}"),
     ("offset gaps / dups", lambda s: f"{s['gaps']:,} / {s['dups']:,}"),
+    ("topics with loss (all bursts)", lambda s: f"{s['lossy_topics']:,}"),
     ("bursts (incomplete)", lambda s: f"{s['bursts']} ({s['bursts_incomplete']})"),
 ]
 
 RATIO_ROWS = [
     ("deliveries/s ratio (higher=better)", "deliveries_per_s"),
     ("server CPU/delivery ratio (lower=better)", "server_cpu_us_per_delivery"),
+    ("latency p99 ratio (lower=better)", "p99_ms"),
     ("RSS/conn ratio (lower=better)", "rss_per_conn_kb"),
     ("handshakes/s ratio (higher=better)", "handshakes_per_s"),
     ("server CPU/handshake ratio (lower=better)", "server_cpu_us_per_handshake"),
@@ -228,6 +236,7 @@ RATE_ROWS: list[Row] = [
     ("deliveries expected", lambda s: f"{s['expected']:,}"),
     ("deliveries received", lambda s: f"{s['received']:,}"),
     ("deliveries lost", lambda s: f"{s['lost']:,}"),
+    ("topics with loss", lambda s: f"{s['lossy_topics']:,}"),
     ("offset gaps / dups", lambda s: f"{s['gaps']:,} / {s['dups']:,}"),
     ("latency p50 ms", lambda s: fmt(s["p50_ms"], ".1f")),
     ("latency p90 ms", lambda s: fmt(s["p90_ms"], ".1f")),
@@ -250,14 +259,17 @@ RATE_RATIO_ROWS = [
 
 def table_rows(summaries: list[dict[str, Any]], rats: dict[str, dict[str, float | None]],
                rows_spec: list[Row] = ROWS,
-               ratio_rows: list[tuple[str, str]] = RATIO_ROWS) -> list[list[str]]:
+               ratio_rows: list[tuple[str, str]] = RATIO_ROWS,
+               go_rats: dict[str, dict[str, float | None]] | None = None) -> list[list[str]]:
     rows = [["metric", *(s["server"] for s in summaries)]]
     for label, render in rows_spec:
         rows.append([label, *(render(s) for s in summaries)])
-    if rats:
-        for label, key in ratio_rows:
-            rows.append([f"vs {BASELINE}: {label}",
-                         *(fmt(rats.get(s["server"], {}).get(key), "#.3g", "x") for s in summaries)])
+    for anchor, anchor_rats in ((BASELINE, rats), (GO_HUB, go_rats or {})):
+        if anchor_rats:
+            for label, key in ratio_rows:
+                rows.append([f"vs {anchor}: {label}",
+                             *(fmt(anchor_rats.get(s["server"], {}).get(key), "#.3g", "x")
+                               for s in summaries)])
     broker = broker_ratios(summaries)
     for label, key in BROKER_RATIO_ROWS:
         if key in broker:
@@ -272,9 +284,9 @@ def short_status(status: str) -> str:
     return status if status == "ok" else status.split(":", 1)[0][:24] + " (see notes)"
 
 
-def rate_table_rows(summaries: list[dict[str, Any]],
-                    rats: dict[str, dict[str, float | None]]) -> list[list[str]]:
-    return table_rows(summaries, rats, RATE_ROWS, RATE_RATIO_ROWS)
+def rate_table_rows(summaries: list[dict[str, Any]], rats: dict[str, dict[str, float | None]],
+                    go_rats: dict[str, dict[str, float | None]] | None = None) -> list[list[str]]:
+    return table_rows(summaries, rats, RATE_ROWS, RATE_RATIO_ROWS, go_rats)
 
 
 def notes(summaries: list[dict[str, Any]]) -> list[str]:
@@ -364,11 +376,15 @@ def intro(config: dict[str, Any], date: str) -> list[str]:
     client = (f"Load client: {config['client_procs']} processes on {config.get('client_loop', 'asyncio')}, "
               f"{config['connect_concurrency']} connects in flight each. See `benchmarks/README.md` "
               f"for how each number is measured.")
+    topics = config.get("topics", 1)
+    where = "on one topic" if topics == 1 else (
+        f"over {topics:,} topics ({config['subscribers'] // topics:,} per topic), publications "
+        f"spread evenly over the topics")
     if config.get("mode", "burst") == "rate":
         return [
             f"## Fan-out latency at a fixed rate ({date})",
             "",
-            f"{config['subscribers']:,} subscribers on one topic; one publisher connection sends "
+            f"{config['subscribers']:,} subscribers {where}; one publisher connection sends "
             f"{config['rate']:g} publications/s with {config['size']}-byte data for "
             f"{config['duration']:g} s ({config['rate_publications']:,} publications) on a fixed "
             f"schedule, each stamped with its send time. Latency percentiles are over every "
@@ -379,7 +395,7 @@ def intro(config: dict[str, Any], date: str) -> list[str]:
     return [
         f"## Fan-out benchmark ({date})",
         "",
-        f"{config['subscribers']:,} subscribers on one topic, bursts of {config['publications']} "
+        f"{config['subscribers']:,} subscribers {where}; bursts of {config['publications']:,} "
         f"publications with {config['size']}-byte data from one publisher connection; "
         f"{config['bursts']} bursts per server, medians reported. {client}",
     ]

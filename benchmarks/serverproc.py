@@ -47,8 +47,10 @@ class ServerSpec:
     deflate: bool = False
 
 
+# --rate-limit 0: the one publisher connection stands in for many publishers (the
+# rooms burst sends 20,000 publications), and the other servers have no limit.
 TRIOSERVE_ARGV = (PY, "-m", "trioserve", "serve", "--host", HOST, "--port", "{port}",
-                  "--client-publish", "--log-level", "warning")
+                  "--client-publish", "--log-level", "warning", "--rate-limit", "0")
 
 
 SERVERS = {
@@ -97,6 +99,14 @@ SERVERS = {
         "websockets",
         (PY, str(REPO / "benchmarks/servers/ws_asyncio.py"), "--host", HOST, "--port", "{port}"),
         healthz=True,
+    ),
+    # The rooms scenario's second anchor: a Go gorilla/websocket hub, built on
+    # first use; skipped with the reason when go or gorilla is missing.
+    "go-hub": ServerSpec(
+        "go-hub",
+        (PY, str(REPO / "benchmarks/servers/go_hub.py"), "--host", HOST, "--port", "{port}"),
+        healthz=True,
+        probe=(PY, str(REPO / "benchmarks/servers/go_hub.py"), "--check"),
     ),
     "trio-websocket": ServerSpec(
         "trio-websocket",

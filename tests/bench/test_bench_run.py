@@ -96,6 +96,26 @@ async def test_fanout_over_topics_and_processes_with_source_addresses(start_serv
                                               ("127.0.0.7", 10)]
 
 
+async def test_rooms_several_topics_per_connection_loss_and_cpu(start_server, tmp_path: Path) -> None:
+    running = await start_server(client_publish=True)
+    # 12 connections, 3 topics each of 6: every topic has 12 * 3 / 6 = 6 subscribers.
+    # 60 publications over 2 publishers, round-robin: 10 per topic.
+    res = await run_bench(tmp_path, "rooms", "--url", running.ws_url, "-n", "12", "--topics", "6",
+                          "--subscriptions", "3", "--publishers", "2", "--rate", "60",
+                          "--duration", "1", *fast())
+    assert res.returncode == 0, res.stdout + res.stderr
+    r = res.report
+    assert r is not None
+    assert [(t["published"], t["subscribers"], t["expected"], t["received"], t["lost"], t["gaps"])
+            for t in r["messages"]["per_topic"]] == [(10, 6, 60, 60, 0, 0)] * 6
+    assert r["latency"]["count"] == 360
+    rows = {row["key"]: row for row in r["server"]["rows"]}
+    assert rows["trioserve_deliveries_total"]["delta"] == 360
+    assert rows["trioserve_subscriptions"]["after"] == 36
+    assert r["server"]["server_cpu_us_per_delivery"] > 0
+    assert r["verdict"] == {"ok": True, "failures": []}
+
+
 async def test_loss_is_detected_by_offsets_and_fails_the_run(tmp_path: Path) -> None:
     async with trio.open_nursery() as nursery:
         lossy = await nursery.start(LossyServer(skip_every=10).serve)

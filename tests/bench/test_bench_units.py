@@ -177,6 +177,16 @@ def test_options_defaults_and_plan() -> None:
     shares = plan(opts)
     assert [len(s) for s in shares] == [12_500, 12_500]
     assert shares[0][:2] == [["127.0.0.2", f"{opts.topic_prefix}.0"], ["127.0.0.4", f"{opts.topic_prefix}.0"]]
+    rooms = Options("rooms", url="ws://127.0.0.1:1/ws", connections=4, topics=5, subscriptions=3, procs=1)
+    validate(rooms)
+    p = rooms.topic_prefix
+    assert [topics for _, topics in plan(rooms)[0]] == [
+        [f"{p}.0", f"{p}.1", f"{p}.2"], [f"{p}.3", f"{p}.4", f"{p}.0"],
+        [f"{p}.1", f"{p}.2", f"{p}.3"], [f"{p}.4", f"{p}.0", f"{p}.1"]]
+    for bad in (Options("rooms", url="ws://127.0.0.1:1/ws", topics=2, subscriptions=3),
+                Options("fanout", url="ws://127.0.0.1:1/ws", topics=4, subscriptions=2)):
+        with pytest.raises(UsageError):
+            validate(bad)
     remote = Options("idle", url="ws://10.1.2.3:80/ws")
     validate(remote)
     assert remote.source_ips is None  # no source binding towards a non-loopback server

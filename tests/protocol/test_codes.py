@@ -72,6 +72,7 @@ def test_error_code_values_are_wire_strings() -> None:
         "rate_limited",
         "too_many_subscriptions",
         "rpc_error",
+        "batch_too_large",
     }
     assert ErrorCode("unknown_op") is ErrorCode.UNKNOWN_OP
     assert isinstance(ErrorCode.BAD_REQUEST, str)

@@ -187,6 +187,17 @@ async def test_subscribe_and_publish_proxies_allow_refuse_and_replace(start_serv
                 assert (await next_pub(ws))["data"] == [1]
                 reply = await ws.request({"op": "publish", "topic": "ro", "data": 1, "id": 5})
                 assert reply["error"] == {"code": "forbidden", "message": "read-only"}
+                # A batch goes through the same proxy, entry by entry; one refusal refuses it whole.
+                reply = await ws.request({"op": "publish_batch", "id": 6, "publications": [
+                    {"topic": "room", "data": {"text": "a"}}, {"topic": "ro", "data": 2}]})
+                assert reply["error"] == {"code": "forbidden", "message": "read-only"}
+                await ws.send_json({"op": "publish_batch", "id": 7, "publications": [
+                    {"topic": "room", "data": {"text": "b"}}, {"topic": "keep", "data": [2]}]})
+                # The fan-out may run before the reply is written: take the three in any order.
+                got = [await ws.recv_json() for _ in range(3)]
+                (reply,) = [m for m in got if m.get("id") == 7]
+                assert reply["ok"] is True and len(reply["results"]) == 2, reply
+                assert [m["data"] for m in got if m.get("op") == "pub"] == [{"text": "B", "by": "carol"}, [2]]
         sub = backend.requests("/subscribe")[0].json()
         assert sub == {"client": sub["client"], "user": "carol", "transport": "websocket", "topic": "secret"}
         pub = backend.requests("/publish")[0].json()

@@ -65,7 +65,7 @@ _positive = click.FloatRange(min=0, min_open=True)
 
 
 @click.command(context_settings={"show_default": True})
-@click.argument("scenario", type=click.Choice(["idle", "fanout", "echo", "storm"]))
+@click.argument("scenario", type=click.Choice(["idle", "fanout", "echo", "storm", "rooms"]))
 @click.option("--url", default="ws://127.0.0.1:8000/ws",
               help="Server to load: ws://HOST:PORT/PATH, or tcp://HOST:PORT for the NDJSON port.")
 @click.option("--connections", "-n", type=click.IntRange(1), default=100,
@@ -83,6 +83,9 @@ _positive = click.FloatRange(min=0, min_open=True)
 @click.option("--connect-timeout", type=_positive, default=10.0, help="Seconds per connect + subscribe.")
 @click.option("--duration", type=_positive, default=10.0, help="Seconds the scenario runs.")
 @click.option("--topics", type=click.IntRange(1), default=1, help="Topics the subscribers are spread over.")
+@click.option("--subscriptions", type=click.IntRange(1), default=1,
+              help="rooms: topics each connection subscribes to (at most --topics and the "
+                   "server's max_subscriptions).")
 @click.option("--rate", type=click.FloatRange(min=0), default=100.0,
               help="Publications/s (fanout, storm) or ping round trips/s (echo), in total.")
 @click.option("--size", type=click.IntRange(0), default=64, help="Bytes of JSON data per publication.")
@@ -121,7 +124,7 @@ _positive = click.FloatRange(min=0, min_open=True)
 @click.option("--no-progress", is_flag=True, help="No live display (also off when stdout is not a terminal).")
 def bench(scenario: str, json_path: str | None, plot_path: str | None, no_progress: bool,
           source_ips: str | None, **options: Any) -> None:
-    """Load-test a trioserve server: idle, fanout, echo or storm.
+    """Load-test a trioserve server: idle, fanout, echo, storm or rooms.
 
     \b
     idle    connect and hold for --duration (memory per connection)
@@ -129,12 +132,14 @@ def bench(scenario: str, json_path: str | None, plot_path: str | None, no_progre
     echo    ping round trips at --rate per second
     storm   fanout, and every --storm-interval s drop --storm-percent % of the
             subscribers and reconnect them with `since` recovery
+    rooms   fanout over many --topics with --subscriptions topics per
+            connection: per-topic loss, latency, server CPU per delivery
 
     Prints connect rate and failures, messages sent/received/lost (by
     offsets), latency percentiles (HDR histogram, merged over processes) and
     the server's /metrics before and after. Exit status: 0 pass, 1 a gate
     failed (loss, --max-p99, --max-loss, --max-connect-failures, connections
-    closed), 2 usage, 3 the run could not be done. fanout and storm need the
+    closed), 2 usage, 3 the run could not be done. fanout, storm and rooms need the
     server to run with --client-publish. See docs/bench.md.
     """
     missing = missing_extra()

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
-SCENARIOS = ("idle", "fanout", "echo", "storm")
+SCENARIOS = ("idle", "fanout", "echo", "storm", "rooms")
 CONNS_PER_PROC = 15_000
 
 
@@ -29,6 +29,7 @@ class Options:
     connect_timeout: float = 10.0
     duration: float = 10.0
     topics: int = 1
+    subscriptions: int = 1
     rate: float = 100.0
     size: int = 64
     #: Subscribers offer permessage-deflate (and inflate what comes compressed).
@@ -90,10 +91,14 @@ def validate(opts: Options) -> None:
     opts.procs = max(1, min(opts.procs, opts.connections))
     if opts.source_ips is None:
         opts.source_ips = default_source_ips(opts.connections, opts.target["host"])
-    if opts.scenario in ("fanout", "storm", "echo") and opts.rate <= 0:
+    if opts.scenario in ("fanout", "storm", "echo", "rooms") and opts.rate <= 0:
         raise UsageError(f"{opts.scenario} needs --rate > 0")
     if opts.topics < 1:
         raise UsageError("--topics must be at least 1")
+    if not 1 <= opts.subscriptions <= opts.topics:
+        raise UsageError(f"--subscriptions must be 1 to --topics ({opts.topics})")
+    if opts.subscriptions > 1 and opts.scenario != "rooms":
+        raise UsageError("--subscriptions above 1 is for the rooms scenario")
     if not 0 < opts.storm_percent <= 100:
         raise UsageError("--storm-percent must be in (0, 100]")
     if opts.topic_prefix is None:
@@ -105,7 +110,14 @@ def plan(opts: Options) -> list[list[list[Any]]]:
     assert opts.procs is not None
     ips: list[str | None] = [*opts.source_ips] if opts.source_ips else [None]
     topics: list[str | None] = list(topic_names(opts)) if opts.scenario != "echo" else [None]
-    rows = [[ips[i % len(ips)], topics[i % len(topics)]] for i in range(opts.connections)]
+    if opts.subscriptions > 1:
+        # rooms: connection i takes topics i*k … i*k+k-1 (mod topics): each topic
+        # gets connections * k / topics subscribers, none twice on one connection.
+        k, count = opts.subscriptions, len(topics)
+        rows = [[ips[i % len(ips)], [topics[(i * k + j) % count] for j in range(k)]]
+                for i in range(opts.connections)]
+    else:
+        rows = [[ips[i % len(ips)], topics[i % len(topics)]] for i in range(opts.connections)]
     return [rows[p :: opts.procs] for p in range(opts.procs)]
 
 

@@ -59,7 +59,7 @@ def build(opts: Options, raw: dict[str, Any]) -> dict[str, Any]:
         "timeline": raw["timeline"],
     }
     deliveries = 0
-    if opts.scenario in ("fanout", "storm"):
+    if opts.scenario in ("fanout", "storm", "rooms"):
         out["messages"] = messages(raw, collected)
         deliveries = out["messages"]["received"]
     if opts.scenario == "storm":

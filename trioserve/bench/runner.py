@@ -183,7 +183,7 @@ class Run:
             elif opts.scenario == "echo":
                 result.update(await self.echo())
             else:
-                result.update(await self.publish(storm=opts.scenario == "storm"))
+                result.update(await self.publish(storm=opts.scenario == "storm"))  # fanout, rooms
             result["scenario_seconds"] = time.monotonic() - t0
             await self.poll()
             after, why_after = await scrape.scrape(murl)

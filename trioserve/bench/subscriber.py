@@ -67,17 +67,30 @@ class Sub:
         self.early = 0  # publications on a connection before its subscribe reply
         self.live: PushClient | None = None  # the connection whose subscribe was accepted
 
+    def _entry(self) -> list[int] | None:
+        """This subscriber's counts on a connection with several topics, else None."""
+        per = self.client.per_topic
+        return None if per is None or self.topic is None else per.get(self.topic)
+
     @property
     def received(self) -> int:
-        return self.base_received + self.client.burst_count
+        entry = self._entry()
+        return self.base_received + (self.client.burst_count if entry is None else entry[1])
 
     @property
     def gaps(self) -> int:
-        return self.base_gaps + self.client.gaps
+        entry = self._entry()
+        return self.base_gaps + (self.client.gaps if entry is None else entry[2])
 
     @property
     def dups(self) -> int:
-        return self.base_dups + self.client.dups
+        entry = self._entry()
+        return self.base_dups + (self.client.dups if entry is None else entry[3])
+
+    @property
+    def last_offset(self) -> int:
+        entry = self._entry()
+        return self.client.last_offset if entry is None else entry[0]
 
     @property
     def is_open(self) -> bool:
@@ -121,6 +134,13 @@ async def subscribe(sub: Sub, timeout: float, since: dict[str, Any] | None = Non
         if reply.get("ok") is not True:
             return
         offset = int(reply["offset"])
+        if client.per_topic is not None:  # one of several topics (rooms): no recovery here
+            assert since is None and sub.topic is not None
+            client.per_topic[sub.topic] = [offset, 0, 0, 0]
+            sub.start_offset = offset
+            sub.epoch = reply.get("epoch")
+            sub.live = client
+            return
         sub.early += client.burst_count + client.dups
         if since is None:
             sub.start_offset = offset

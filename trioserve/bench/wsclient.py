@@ -35,8 +35,6 @@ from typing import Any, cast
 
 import orjson
 
-from .payloads import publication_data
-
 GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 # RFC 6455 wants an unpredictable mask per frame to protect proxies; on
 # loopback against our own servers a fixed non-zero key is fine.
@@ -173,6 +171,10 @@ class PushClient(asyncio.BufferedProtocol):
         self.burst_count = 0  # pubs accounted on this connection (per burst for fanout.py)
         self.gaps = 0
         self.dups = 0
+        # A connection subscribed to several topics (``trioserve bench rooms``)
+        # checks offsets per topic: topic -> [last offset, received, gaps, dups].
+        # None (the usual case) keeps the per-connection fields above.
+        self.per_topic: dict[str, list[int]] | None = None
         self.unexpected = 0
         self.close_reason = ""
         # The server's close code (WebSocket close frame or NDJSON close line);
@@ -207,6 +209,10 @@ class PushClient(asyncio.BufferedProtocol):
             if msg.get("op") == "pub":
                 d = self.deliveries
                 off = msg["offset"]
+                per = self.per_topic
+                if per is not None:
+                    self._on_topic_pub(per, msg, off, now)
+                    return
                 last = self.last_offset
                 if off != last + 1:
                     if off <= last:
@@ -241,6 +247,30 @@ class PushClient(asyncio.BufferedProtocol):
             fut.set_result(msg)
         except (orjson.JSONDecodeError, AttributeError, KeyError, TypeError):
             self.unexpected += 1
+
+    def _on_topic_pub(self, per: dict[str, list[int]], msg: dict[str, Any], off: int, now: float) -> None:
+        """A publication on a connection with several topics: offsets checked per topic."""
+        entry = per.get(msg["topic"])
+        d = self.deliveries
+        if entry is None or d is None:
+            self.unexpected += 1
+            return
+        last = entry[0]
+        if off != last + 1:
+            if off <= last:
+                entry[3] += 1
+                return
+            entry[2] += off - last - 1
+        entry[0] = off
+        entry[1] += 1
+        self.burst_count += 1
+        if d.stamped:
+            d.lat.append(now - msg["data"]["t"])
+        d.received += 1
+        d.last_recv = now
+        d.remaining -= 1
+        if d.remaining == 0:
+            d.done.set()
 
     def account(self, pub: dict[str, Any], now: float) -> None:
         """A publication that came another way (a recovering subscribe's reply)."""
@@ -556,27 +586,3 @@ async def open_ws(
     assert isinstance(client, WsClient)
     return client
 
-
-async def subscribe(client: PushClient, topic: str, timeout: float) -> None:
-    reply = await client.request({"op": "subscribe", "topic": topic}, timeout)
-    if reply.get("ok") is not True:
-        raise ProtocolError(f"subscribe refused: {reply!r}")
-
-
-def publish_burst(
-    client: PushClient, topic: str, count: int, size: int, payload: str = "pad",
-) -> tuple[float, list[asyncio.Future[dict[str, Any]]]]:
-    """Write ``count`` publish frames back to back; don't wait for replies.
-
-    Each data object carries its own send time, padded to ``size`` bytes of
-    JSON. Returns the time taken just before the first frame and the futures
-    of the replies.
-    """
-    futures = []
-    first = 0.0
-    for i in range(count):
-        data = publication_data(size, payload)
-        if i == 0:
-            first = data["t"]
-        futures.append(client.request_nowait({"op": "publish", "topic": topic, "data": data}))
-    return first, futures

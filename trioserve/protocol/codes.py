@@ -65,6 +65,8 @@ class ErrorCode(enum.StrEnum):
     NOT_FOUND = "not_found"
     METHOD_NOT_ALLOWED = "method_not_allowed"
     TOO_LARGE = "too_large"
+    #: A publish_batch, a POST /api/publish array or a broadcast over MAX_BATCH_PUBLICATIONS.
+    BATCH_TOO_LARGE = "batch_too_large"
     UNAVAILABLE = "unavailable"
     INTERNAL = "internal"
     RATE_LIMITED = "rate_limited"

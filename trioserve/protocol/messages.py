@@ -17,6 +17,7 @@ import orjson
 from .codes import ErrorCode
 
 __all__ = [
+    "MAX_BATCH_PUBLICATIONS",
     "Command",
     "ProtocolError",
     "encode_error",
@@ -24,9 +25,15 @@ __all__ = [
     "encode_publication",
     "encode_reply",
     "kept_json",
+    "parse_broadcast_topics",
     "parse_command",
+    "parse_publications",
     "validate_topic",
 ]
+
+#: Publications one ``publish_batch``, ``POST /api/publish`` array or
+#: ``POST /api/broadcast`` may carry; more are refused whole with ``batch_too_large``.
+MAX_BATCH_PUBLICATIONS = 1000
 
 _TOPIC = re.compile(r"[A-Za-z0-9_.:/-]{1,200}")
 _MISSING = object()
@@ -118,6 +125,55 @@ def _check_publish(cmd: dict[str, Any], id: Any) -> None:
         raise ProtocolError(ErrorCode.BAD_REQUEST, "missing 'data'", id)
 
 
+def _batch_size(count: int, what: str, id: Any) -> None:
+    if count > MAX_BATCH_PUBLICATIONS:
+        raise ProtocolError(ErrorCode.BATCH_TOO_LARGE,
+                            f"{count} {what}: at most {MAX_BATCH_PUBLICATIONS} in one batch", id)
+
+
+def parse_publications(value: object, id: Any = None) -> list[tuple[str, Any]]:
+    """A batch's ``[{"topic": ..., "data": ...}, ...]`` as ``(topic, data)`` pairs.
+
+    Raises ``bad_request`` (naming the bad entry) or ``batch_too_large``: a
+    batch is checked whole before any of it is published.
+    """
+    if not isinstance(value, list) or not value:
+        raise ProtocolError(ErrorCode.BAD_REQUEST,
+                            'publications must be a non-empty array of {"topic": ..., "data": ...}', id)
+    _batch_size(len(value), "publications", id)
+    items: list[tuple[str, Any]] = []
+    for i, item in enumerate(value):
+        if not isinstance(item, dict) or "data" not in item:
+            raise ProtocolError(ErrorCode.BAD_REQUEST,
+                                f'publications[{i}] must be {{"topic": ..., "data": ...}}', id)
+        try:
+            topic = validate_topic(item.get("topic"))
+        except ProtocolError as exc:
+            raise ProtocolError(exc.code, f"publications[{i}]: {exc.message}", id) from None
+        items.append((topic, item["data"]))
+    return items
+
+
+def parse_broadcast_topics(value: object, id: Any = None) -> list[str]:
+    """A broadcast's ``topics``: a non-empty array of distinct topic names."""
+    if not isinstance(value, list) or not value:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "topics must be a non-empty array of topic names", id)
+    _batch_size(len(value), "topics", id)
+    topics = []
+    for i, topic in enumerate(value):
+        try:
+            topics.append(validate_topic(topic))
+        except ProtocolError as exc:
+            raise ProtocolError(exc.code, f"topics[{i}]: {exc.message}", id) from None
+    if len(set(topics)) != len(topics):
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "topics must not repeat a topic", id)
+    return topics
+
+
+def _check_publish_batch(cmd: dict[str, Any], id: Any) -> None:
+    parse_publications(cmd.get("publications"), id)
+
+
 def _no_fields(cmd: dict[str, Any], id: Any) -> None:
     pass
 
@@ -126,6 +182,7 @@ _VALIDATORS: dict[str, Callable[[dict[str, Any], Any], None]] = {
     "subscribe": _check_subscribe,
     "unsubscribe": _needs_topic,
     "publish": _check_publish,
+    "publish_batch": _check_publish_batch,
     "ping": _no_fields,
     "presence": _needs_topic,
     "connect": _check_connect,

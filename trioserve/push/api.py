@@ -1,4 +1,5 @@
-"""The HTTP API of the push domain: ``POST /api/publish`` and ``GET /api/history``."""
+"""The HTTP API of the push domain: ``POST /api/publish`` (one publication or an
+array of them), ``POST /api/broadcast`` and ``GET /api/history``."""
 
 from __future__ import annotations
 
@@ -8,9 +9,9 @@ import orjson
 
 from ..net.httpd import Request, Response, RouteHandler, json_error, json_response
 from ..protocol.codes import ErrorCode
-from ..protocol.messages import ProtocolError, validate_topic
+from ..protocol.messages import ProtocolError, parse_broadcast_topics, parse_publications, validate_topic
 from .brokers import BrokerUnavailable
-from .service import HubContext, PublishRefused, publish
+from .service import HubContext, PublishRefused, publish, publish_many, result_fields
 
 __all__ = ["api_key_refusal", "api_routes"]
 
@@ -30,6 +31,11 @@ def api_key_refusal(ctx: HubContext, req: Request) -> Response | None:
                       [(b"www-authenticate", b"Bearer")])
 
 
+def batch_error(exc: ProtocolError) -> Response:
+    """A batch refused whole: 413 when it has too many entries, else 400."""
+    return json_error(413 if exc.code == ErrorCode.BATCH_TOO_LARGE else 400, exc.code, exc.message)
+
+
 def api_routes(ctx: HubContext) -> dict[tuple[str, str], RouteHandler]:
     def refused(req: Request) -> Response | None:
         return api_key_refusal(ctx, req)
@@ -41,6 +47,8 @@ def api_routes(ctx: HubContext) -> dict[tuple[str, str], RouteHandler]:
             body = orjson.loads(req.body)
         except orjson.JSONDecodeError as exc:
             return json_error(400, ErrorCode.BAD_REQUEST, f"invalid JSON: {exc}")
+        if isinstance(body, list):
+            return await publish_batch(body)
         if not isinstance(body, dict) or "data" not in body:
             return json_error(400, ErrorCode.BAD_REQUEST,
                               'body must be {"topic": "...", "data": <any JSON>}')
@@ -55,6 +63,36 @@ def api_routes(ctx: HubContext) -> dict[tuple[str, str], RouteHandler]:
             return json_error(503, exc.code, exc.message, retry)
         return json_response(200, {"ok": True, "offset": result.offset,
                                    "subscribers": result.subscribers})
+
+    async def publish_batch(body: list[object]) -> Response:
+        """An array of ``{topic, data}``: checked whole, then published in order,
+        one offset each; the answer is an array of results, one per publication."""
+        try:
+            items = parse_publications(body)
+        except ProtocolError as exc:
+            return batch_error(exc)
+        results = await publish_many(ctx.hub, items, wait=False)
+        return json_response(200, [result_fields(r) for r in results])
+
+    async def broadcast(req: Request) -> Response:
+        """``{"topics": [...], "data": ...}``: the same data to each topic (one offset
+        per topic); an array of results, one per topic."""
+        if (denied := refused(req)) is not None:
+            return denied
+        try:
+            body = orjson.loads(req.body)
+        except orjson.JSONDecodeError as exc:
+            return json_error(400, ErrorCode.BAD_REQUEST, f"invalid JSON: {exc}")
+        if not isinstance(body, dict) or "data" not in body:
+            return json_error(400, ErrorCode.BAD_REQUEST,
+                              'body must be {"topics": ["...", ...], "data": <any JSON>}')
+        try:
+            topics = parse_broadcast_topics(body.get("topics"))
+        except ProtocolError as exc:
+            return batch_error(exc)
+        data = body["data"]
+        results = await publish_many(ctx.hub, [(topic, data) for topic in topics], wait=False)
+        return json_response(200, [result_fields(r) for r in results])
 
     async def history(req: Request) -> Response:
         """``GET /api/history?topic=t&since=41&limit=100``: what followed offset 41.
@@ -88,5 +126,6 @@ def api_routes(ctx: HubContext) -> dict[tuple[str, str], RouteHandler]:
 
     return {
         ("POST", "/api/publish"): publish_route,
+        ("POST", "/api/broadcast"): broadcast,
         ("GET", "/api/history"): history,
     }

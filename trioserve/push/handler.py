@@ -22,11 +22,12 @@ from ..protocol.messages import (
     encode_presence_event,
     encode_reply,
     parse_command,
+    parse_publications,
 )
 from .backend import Backend, BackendRefused, BackendUnavailable, CallerInfo, ConnectRequest, proxied_claims
 from .brokers import BrokerUnavailable
 from .hub import Subscriber
-from .service import HubContext, PublishRefused, publish, publish_many
+from .service import HubContext, PublishRefused, publish, publish_many, result_fields
 
 __all__ = ["MAX_RECOVERY_BYTES", "Client", "PushContext", "client_info", "leave_all", "member_changed",
            "push_handler"]
@@ -125,7 +126,7 @@ async def _handle_one(conn: Client, server: PushContext, message: str | bytes) -
             conn.start_close(CloseCode.UNAUTHORIZED,
                              'unauthorized: send {"op":"connect","token":...} first')
             return None
-        if cmd.op == "publish" and server.hub.broker.pipelined and not _publish_proxied(server):
+        if cmd.op == "publish" and not _publish_proxied(server):
             return await _publish_run(conn, server, cmd)
         reply = await _dispatch(conn, server, cmd)
     except ProtocolError as exc:
@@ -141,10 +142,13 @@ MAX_PUBLISH_RUN = 1000
 async def _publish_run(conn: Client, server: PushContext, first: Command) -> str | bytes | None:
     """*first* and the publishes already received behind it, published together.
 
-    With a pipelined broker (the embedded one) a burst from one client is then
-    in flight at once, and reaches the subscribers in one fan-out batch, as
-    it does with the memory broker. Replies go out in the commands' order.
-    Returns the message that ended the run, if it is not a publish.
+    With a pipelined broker (the embedded one, Redis) a burst from one client
+    is then in flight at once, and reaches the subscribers in one fan-out
+    batch, as it does with the memory broker. Replies go out in the commands'
+    order, framed together in one send: one ``send()`` per run instead of one
+    per publication (a profile of the rooms burst found the publisher's
+    replies at 15% of the server's time). Returns the message that ended the
+    run, if it is not a publish.
     """
     replies: list[bytes | int] = []  # a ready reply, or an index into items
     items: list[tuple[str, Any]] = []
@@ -171,8 +175,12 @@ async def _publish_run(conn: Client, server: PushContext, first: Command) -> str
             break
         if not conn.check_rate():
             replies.append(encode_error(ErrorCode.RATE_LIMITED, _rate_message(server), cmd.id))
-            cmd = None
+            # End the run at the first refusal: its replies must go out before
+            # the close (4029) that the limiter starts for a client that keeps
+            # going; the messages after this one are handled one at a time.
+            break
     results = await publish_many(server.hub, items) if items else []
+    out: list[bytes] = []
     for reply in replies:
         if isinstance(reply, int):
             result = results[reply]
@@ -180,7 +188,8 @@ async def _publish_run(conn: Client, server: PushContext, first: Command) -> str
                 reply = encode_error(result.code, result.message, ids[reply])
             else:
                 reply = encode_reply(ids[reply], offset=result.offset, subscribers=result.subscribers)
-        conn.send_encoded(reply)
+        out.append(reply)
+    conn.send_prepared(conn.framing.frame_batch(out), len(out))
     return leftover
 
 
@@ -189,15 +198,33 @@ def _publish_proxied(server: PushContext) -> bool:
     return backend is not None and backend.publish_proxied
 
 
-def _check_publish(conn: Client, server: PushContext, cmd: Command) -> None:
+def _check_publish(conn: Client, server: PushContext, cmd: Command, topic: str | None = None) -> None:
     if _publish_proxied(server):
-        return  # the backend decides, for every client (_dispatch)
+        return  # the backend decides, for every client (_dispatch, _publish_batch)
     claims = conn.claims
     assert claims is not None
-    allowed = server.config.client_publish if claims.anonymous else claims.may_publish(cmd.topic)
+    topic = cmd.topic if topic is None else topic
+    allowed = server.config.client_publish if claims.anonymous else claims.may_publish(topic)
     if not allowed:
         raise _forbidden(cmd, "client publish is disabled on this server (--client-publish)"
-                         if claims.anonymous else f"the token does not allow publishing to {cmd.topic}")
+                         if claims.anonymous else f"the token does not allow publishing to {topic}")
+
+
+async def _publish_batch(conn: Client, server: PushContext, cmd: Command) -> bytes:
+    """``{"op":"publish_batch","publications":[{topic, data}, ...]}``: one offset per
+    publication, in order; the reply's ``results`` has one entry per publication.
+    A topic the client may not publish to refuses the whole batch."""
+    items = parse_publications(cmd.fields["publications"], cmd.id)
+    backend = server.backend
+    if backend is not None and backend.publish_proxied:
+        # Each publication is the backend's to allow or rewrite, as a single
+        # publish is; the first refusal refuses the whole batch, before any is published.
+        caller = _caller(server, conn)
+        items = [(topic, await _ask(cmd, backend.publish(caller, topic, data))) for topic, data in items]
+    for topic, _ in items:
+        _check_publish(conn, server, cmd, topic)
+    results = await publish_many(server.hub, items)
+    return encode_reply(cmd.id, results=[result_fields(r) for r in results])
 
 
 def _rate_message(server: PushContext) -> str:
@@ -274,6 +301,8 @@ async def _dispatch(conn: Client, server: PushContext, cmd: Command) -> bytes:
         except PublishRefused as exc:
             raise ProtocolError(exc.code, exc.message, cmd.id) from None
         return encode_reply(cmd.id, offset=result.offset, subscribers=result.subscribers)
+    if op == "publish_batch":
+        return await _publish_batch(conn, server, cmd)
     if op == "presence":
         assert claims is not None
         if not claims.presence:

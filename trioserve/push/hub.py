@@ -34,8 +34,15 @@ __all__ = ["Framing", "Hub", "HubClosed", "HubOverloaded", "HubStatistics", "Pos
 
 log = logging.getLogger("trioserve.hub")
 
-#: Publications taken from the inbox in one fan-out round.
-MAX_BATCH = 1024
+#: Publications taken from the inbox in one fan-out round. Large, so that a
+#: backlog spread over many topics still gives each topic a batch; the round
+#: time stays bounded by the gathering below.
+MAX_BATCH = 16384
+#: Seconds a round under backlog may wait for readers to add more (see Hub._gather).
+MAX_GATHER = 0.05
+#: Rounds shorter than this (seconds) are not followed by gathering: at a steady
+#: rate a round is a few publications, and a gathering pass would only delay them.
+MIN_GATHER_ROUND = 0.001
 #: Bytes of one topic's joined buffer; a larger batch is sent in several.
 MAX_BATCH_BYTES = 256 * 1024
 DEFAULT_HISTORY_SIZE = 100
@@ -103,6 +110,10 @@ class HubStatistics:
     #: counts per upper bound in LATENCY_BUCKETS (the last is +Inf), sum, count.
     fanout_latency_buckets: tuple[int, ...]
     fanout_latency_sum: float
+    #: Extra reader passes the fan-out waited for under backlog (Hub._gather).
+    gathered: int = 0
+    #: send() calls saved by joining a connection's topics within a round.
+    coalesced: int = 0
 
 
 class Hub:
@@ -131,6 +142,8 @@ class Hub:
         self._publications = 0
         self._deliveries = 0
         self._batches = 0
+        self._gathered = 0  # extra reader passes waited for under backlog
+        self._coalesced = 0  # sends saved by joining a connection's topics in a round
         self._subscriptions = 0
         # Plain ints, not a prometheus Histogram: no lock on the fan-out path.
         self._latency_counts = [0] * (len(LATENCY_BUCKETS) + 1)
@@ -332,6 +345,38 @@ class Hub:
             await trio.lowlevel.cancel_shielded_checkpoint()
             return result
 
+    async def publish_many(self, items: Sequence[tuple[str, Any]]) -> list[PublishResult]:
+        """Publish each ``(topic, data)`` in order, one offset each.
+
+        With the memory broker there is no checkpoint between them (only a wait
+        while the inbox is full), so they reach subscribers in one fan-out
+        round. A pipelined broker has them all in flight at once (Redis: one
+        script call per topic, in one round trip). Raises :class:`HubClosed`,
+        or :class:`~trioserve.push.brokers.BrokerUnavailable` if any failed;
+        the ones before it may have been published.
+        """
+        await trio.lowlevel.checkpoint_if_cancelled()
+        if self._closed:
+            raise HubClosed("the server is draining")
+        if not self.broker.synchronous:
+            offsets = await self.broker.publish_many(items)
+            out = []
+            for (topic, _), offset in zip(items, offsets, strict=True):
+                if not isinstance(offset, int):
+                    raise offset
+                out.append(PublishResult(offset, self.subscriber_count(topic)))
+            return out
+        results = []
+        for topic, data in items:
+            while True:
+                try:
+                    results.append(self.publish_nowait(topic, data))
+                    break
+                except HubOverloaded:
+                    await self._space.park()
+        await trio.lowlevel.cancel_shielded_checkpoint()
+        return results
+
     def deliver_nowait(self, topic: str, offset: int, payload: bytes) -> None:
         """Queue a publication for fan-out; brokers call this in offset order."""
         self._inbox.append((topic, offset, payload, trio.current_time()))
@@ -366,21 +411,45 @@ class Hub:
         """The fan-out task. Runs until cancelled."""
         task_status.started()
         inbox = self._inbox
+        round_time = 0.0
         while True:
             if not inbox:
                 self._idle.unpark_all()
                 await self._wake.park()
-                continue
+                if not inbox:
+                    continue
+                # Woken from idle: send at once, whatever is there.
+            elif round_time >= MIN_GATHER_ROUND:
+                # Work piled up while the last round ran: under backlog, let
+                # the readers parse what their sockets already hold before
+                # sending, so each topic's batch (and each subscriber's send)
+                # carries more. Stop when a pass adds nothing, or after about
+                # one round's time, so latency grows by at most that. A short
+                # round (a steady trickle) is followed by the next at once.
+                await self._gather(round_time)
             self._busy = True
+            started = trio.current_time()
             try:
                 self._fan_out_batch()
             finally:
                 self._busy = False
+            round_time = trio.current_time() - started
             if self._space:
                 self._space.unpark_all()
             # Let readers and publishers run between batches; the next batch is
             # whatever piled up meanwhile.
             await trio.lowlevel.checkpoint()
+
+    async def _gather(self, round_time: float) -> None:
+        inbox = self._inbox
+        deadline = trio.current_time() + min(round_time, MAX_GATHER)
+        waiting = len(inbox)
+        while waiting < MAX_BATCH and trio.current_time() < deadline:
+            await trio.lowlevel.checkpoint()
+            if len(inbox) == waiting:
+                return
+            waiting = len(inbox)
+            self._gathered += 1
 
     def _fan_out_batch(self) -> None:
         inbox = self._inbox
@@ -402,19 +471,74 @@ class Hub:
                 group.append(payload)
                 offsets[topic].append(offset)
         self._batches += 1
-        for topic, payloads in groups.items():
-            by_framing = self._topics.get(topic)
-            if by_framing:
-                end = 0
-                for chunk in _chunks(payloads):
-                    end += len(chunk)
-                    self._deliver(by_framing, chunk, topic, offsets[topic][end - 1])
+        if len(groups) == 1:
+            for topic, payloads in groups.items():
+                by_framing = self._topics.get(topic)
+                if by_framing:
+                    end = 0
+                    for chunk in _chunks(payloads):
+                        end += len(chunk)
+                        self._deliver(by_framing, chunk, topic, offsets[topic][end - 1])
+        else:
+            self._deliver_joined(groups, offsets)
         now = trio.current_time()  # after the sends: that is the latency
         counts = self._latency_counts
+        latency_sum = 0.0
         for published_at in times:
             latency = now - published_at
             counts[bisect.bisect_left(LATENCY_BUCKETS, latency)] += 1
-            self._latency_sum += latency
+            latency_sum += latency
+        self._latency_sum += latency_sum
+
+    def _deliver_joined(self, groups: dict[str, list[bytes]], offsets: dict[str, list[int]]) -> None:
+        """Several topics in one round: a connection subscribed to more than one
+        of them gets their buffers joined into one send (one syscall per round,
+        not one per topic).
+
+        Each topic is still framed once per framing. Connections with one topic
+        (held as a ``str``) are sent to at once; only the others pass through
+        *joined*, which lives for this round only, so an idle connection
+        carries nothing new. A positioned framing (SSE) is not joined: each
+        topic's events end with the stream's own id, sent as they are framed.
+        """
+        topics = self._topics
+        by_conn = self._by_conn
+        joined: dict[Subscriber, list[Any]] = {}  # conn -> [count, buffer, buffer, ...]
+        deliveries = 0
+        for topic, payloads in groups.items():
+            by_framing = topics.get(topic)
+            if not by_framing:
+                continue
+            end = 0
+            for chunk in _chunks(payloads):
+                count = len(chunk)
+                end += count
+                for framing, subs in by_framing.items():
+                    deliveries += count * len(subs)
+                    frame_open = framing.frame_open
+                    if frame_open is not None:
+                        data, last = frame_open(chunk), offsets[topic][end - 1]
+                        for positioned in cast("set[PositionedSubscriber]", subs):
+                            positioned.send_at(data, count, topic, last)
+                        continue
+                    data = framing.frame_batch(chunk)
+                    for conn in subs:
+                        if by_conn.get(conn).__class__ is str:
+                            conn.send_prepared(data, count)
+                            continue
+                        parts = joined.get(conn)
+                        if parts is None:
+                            joined[conn] = [count, data]
+                        else:
+                            parts[0] += count
+                            parts.append(data)
+        self._deliveries += deliveries
+        for conn, parts in joined.items():
+            if len(parts) == 2:
+                conn.send_prepared(parts[1], parts[0])
+            else:
+                self._coalesced += len(parts) - 2
+                conn.send_prepared(b"".join(parts[1:]), parts[0])
 
     def _deliver(self, by_framing: dict[Framing, set[Subscriber]], payloads: list[bytes],
                  topic: str, last: int) -> None:
@@ -445,6 +569,8 @@ class Hub:
             closed=self._closed,
             fanout_latency_buckets=tuple(itertools.accumulate(self._latency_counts)),
             fanout_latency_sum=self._latency_sum,
+            gathered=self._gathered,
+            coalesced=self._coalesced,
         )
 
 

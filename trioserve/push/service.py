@@ -16,7 +16,7 @@ from ..protocol.codes import ErrorCode
 from .brokers import BrokerUnavailable
 from .hub import Hub, HubClosed, HubOverloaded, PublishResult
 
-__all__ = ["HubContext", "PublishRefused", "publish", "publish_many"]
+__all__ = ["HubContext", "PublishRefused", "publish", "publish_many", "result_fields"]
 
 
 class HubContext(Protocol):
@@ -66,13 +66,26 @@ async def publish(hub: Hub, topic: str, data: Any, *, wait: bool) -> PublishResu
         raise PublishRefused(ErrorCode.UNAVAILABLE, f"overloaded: {exc}", 1) from None
 
 
-async def publish_many(hub: Hub, items: Sequence[tuple[str, Any]]) -> list[PublishResult | PublishRefused]:
-    """Publish a run of ``(topic, data)`` through a pipelined broker (``broker.pipelined``):
-    all of them in flight at once, so the sequencer relays them together and
-    they reach the subscribers in one fan-out batch. Per item its result, or
-    why it was refused."""
+async def publish_many(hub: Hub, items: Sequence[tuple[str, Any]], *,
+                       wait: bool = True) -> list[PublishResult | PublishRefused]:
+    """Publish a run of ``(topic, data)``. Per item its result, or why it was refused.
+
+    A synchronous broker (memory) publishes each at once, with no checkpoint
+    unless the inbox is full (then it waits, as a client's ``publish`` does),
+    so the run lands in one fan-out batch (*wait* False: refuse with
+    ``unavailable`` instead, as the HTTP API does). A pipelined broker has all
+    of them in flight at once, so the sequencer relays them together (Redis:
+    one script call per topic, all in one round trip)."""
     if hub.closed:
         return [PublishRefused(ErrorCode.UNAVAILABLE, "server is draining")] * len(items)
+    if hub.broker.synchronous:
+        done: list[PublishResult | PublishRefused] = []
+        for topic, data in items:
+            try:
+                done.append(await publish(hub, topic, data, wait=wait))
+            except PublishRefused as exc:
+                done.append(exc)
+        return done
     results = await hub.broker.publish_many(items)
     out: list[PublishResult | PublishRefused] = []
     for (topic, _), result in zip(items, results, strict=True):
@@ -81,3 +94,11 @@ async def publish_many(hub: Hub, items: Sequence[tuple[str, Any]]) -> list[Publi
         else:
             out.append(PublishResult(result, hub.subscriber_count(topic)))
     return out
+
+
+def result_fields(result: PublishResult | PublishRefused) -> dict[str, Any]:
+    """One entry of a batch's results: ``{"ok": true, "offset", "subscribers"}``
+    or ``{"ok": false, "error": {"code", "message"}}``."""
+    if isinstance(result, PublishRefused):
+        return {"ok": False, "error": {"code": result.code.value, "message": result.message}}
+    return {"ok": True, "offset": result.offset, "subscribers": result.subscribers}

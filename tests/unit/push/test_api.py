@@ -75,7 +75,9 @@ async def test_publish_puts_the_publication_in_the_hub() -> None:
 
 
 @pytest.mark.parametrize(("body", "message"), [
-    (b"[1, 2]", 'body must be {"topic": "...", "data": <any JSON>}'),
+    (b"7", 'body must be {"topic": "...", "data": <any JSON>}'),
+    # An array is a batch: checked whole before anything is published.
+    (b'[{"topic": "t", "data": 1}, 2]', 'publications[1] must be {"topic": ..., "data": ...}'),
     ({"data": 1}, "topic must be 1-200 characters of A-Z a-z 0-9 _ . : / -"),
     ({"topic": 7, "data": 1}, "topic must be 1-200 characters of A-Z a-z 0-9 _ . : / -"),
     (b'{"topic": "t", "data": 1', None),

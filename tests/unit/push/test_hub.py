@@ -170,3 +170,41 @@ async def test_large_batches_are_split_but_ordered() -> None:
         offsets = [orjson.loads(await peer.recv_message())["offset"] for _ in range(60)]
         assert offsets == list(range(1, 61))
         nursery.cancel_scope.cancel()
+
+
+async def test_a_connection_in_several_topics_of_a_round_gets_them_in_one_send() -> None:
+    async with trio.open_nursery() as nursery:
+        hub = await started_hub(nursery)
+        multi, multi_client = await ws_subscriber(nursery)
+        single, single_client = await ws_subscriber(nursery)
+        for topic in ("a", "b", "c"):
+            hub.subscribe(multi, topic)
+        hub.subscribe(single, "a")
+        before = hub.statistics()
+        for topic, n in (("a", 1), ("b", 2), ("c", 3), ("a", 4)):
+            hub.publish_nowait(topic, n)
+        await hub.flush()
+        after = hub.statistics()
+        # One round; the three topics' buffers joined into one send for `multi`.
+        assert (after.batches - before.batches, after.coalesced - before.coalesced) == (1, 2)
+        assert after.deliveries - before.deliveries == 6
+        got = [await multi_client.recv_json() for _ in range(4)]
+        assert sorted((p["topic"], p["offset"], p["data"]) for p in got) == [
+            ("a", 1, 1), ("a", 2, 4), ("b", 1, 2), ("c", 1, 3)]
+        assert [p["offset"] for p in got if p["topic"] == "a"] == [1, 2]
+        assert [(await single_client.recv_json())["data"] for _ in range(2)] == [1, 4]
+        nursery.cancel_scope.cancel()
+
+
+async def test_publish_many_is_one_round_with_one_offset_each() -> None:
+    async with trio.open_nursery() as nursery:
+        hub = await started_hub(nursery)
+        before = hub.statistics().batches
+        results = await hub.publish_many([("x", 1), ("y", 2), ("x", 3)])
+        assert [r.offset for r in results] == [1, 1, 2]
+        await hub.flush()
+        assert hub.statistics().batches == before + 1
+        hub.close()
+        with pytest.raises(HubClosed):
+            await hub.publish_many([("x", 4)])
+        nursery.cancel_scope.cancel()
