@@ -35,6 +35,7 @@ import struct
 import time
 from typing import Any
 
+from trioserve.bench.burst import subscribe
 from trioserve.bench.pool import describe
 from trioserve.bench.subscriber import Followers
 from trioserve.bench.wsclient import (
@@ -46,7 +47,6 @@ from trioserve.bench.wsclient import (
     encode_frame,
     open_client,
     open_ws,
-    subscribe,
 )
 
 
