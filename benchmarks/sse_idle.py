@@ -36,15 +36,20 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+async def read_until(stream: trio.SocketStream, marker: bytes, status: bytes) -> None:
+    """Read until *marker* arrives; the response must start with *status*."""
+    buf = b""
+    while marker not in buf:
+        data = await stream.receive_some(4096)
+        assert data, f"EOF before {marker!r}"
+        buf += data
+    assert buf.startswith(status), buf[:100]
+
+
 async def sse_one(port: int, i: int, held: list[trio.SocketStream]) -> None:
     stream = await trio.open_tcp_stream(HOST, port)
     await stream.send_all(f"GET /sse?topic=idle.sse.{i} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-    buf = b""
-    while b"event: subscribed" not in buf:
-        data = await stream.receive_some(4096)
-        assert data, "EOF before the stream started"
-        buf += data
-    assert buf.startswith(b"HTTP/1.1 200"), buf[:100]
+    await read_until(stream, b"event: subscribed", b"HTTP/1.1 200")
     held.append(stream)
 
 
@@ -57,12 +62,7 @@ async def ws_one(port: int, i: int, held: list[trio.SocketStream]) -> None:
     payload = f'{{"op":"subscribe","topic":"idle.ws.{i}","id":1}}'.encode()
     assert len(payload) < 126
     await stream.send_all(bytes([0x81, 0x80 | len(payload), 0, 0, 0, 0]) + payload)  # zero mask
-    buf = b""
-    while b'"ok":true' not in buf:
-        data = await stream.receive_some(4096)
-        assert data, "EOF before the subscribe reply"
-        buf += data
-    assert buf.startswith(b"HTTP/1.1 101"), buf[:100]
+    await read_until(stream, b'"ok":true', b"HTTP/1.1 101")
     held.append(stream)
 
 

@@ -86,6 +86,19 @@ def wait_count(page: Page, kind: str, count: int) -> None:
                            arg=[kind, count], timeout=TIMEOUT_MS)
 
 
+def restart_and_see_the_gap(page: Page, server: Any, serve: Any, port: int, *args: str) -> None:
+    """Stop *server* and start a new one on *port* (in-memory hub: history gone); the
+    page resubscribes by itself and is told of the gap before the next publication."""
+    assert server.stop() == 0, server.output
+    serve(*args, port=port)
+    page.wait_for_function("() => window.events.some((e) => e.kind === 'subscribed' && e.resubscribed)",
+                           timeout=TIMEOUT_MS)
+    publish(port, "news", "after the restart")
+    wait_count(page, "pub", 6)
+    assert events(page, "gap") == [{"kind": "gap", "lastOffset": 5, "offset": 0}]
+    assert events(page, "pub")[-1] == {"kind": "pub", "offset": 1, "data": "after the restart"}
+
+
 def test_a_page_imports_the_client_and_receives_publications(browser: Browser, serve: Any) -> None:
     port = free_port()  # chosen up front: the restarted server comes back on it
     server, _ = serve("--client-publish", "--drain-timeout", "3", port=port)
@@ -101,14 +114,7 @@ def test_a_page_imports_the_client_and_receives_publications(browser: Browser, s
     assert events(page, "pub")[0]["data"] == "from the page"
 
     # The server restarts (in-memory hub): the page reconnects by itself and is told of the gap.
-    assert server.stop() == 0, server.output
-    serve("--client-publish", port=port)
-    page.wait_for_function("() => window.events.some((e) => e.kind === 'subscribed' && e.resubscribed)",
-                           timeout=TIMEOUT_MS)
-    publish(port, "news", "after the restart")
-    wait_count(page, "pub", 6)
-    assert events(page, "gap") == [{"kind": "gap", "lastOffset": 5, "offset": 0}]
-    assert events(page, "pub")[-1] == {"kind": "pub", "offset": 1, "data": "after the restart"}
+    restart_and_see_the_gap(page, server, serve, port, "--client-publish")
     states = [e["state"] for e in events(page, "state")]
     assert states == ["connected", "connecting", "connected"], states
     page.evaluate("() => window.client.close()")
@@ -142,13 +148,6 @@ def test_a_page_falls_back_to_sse_where_websocket_is_blocked(browser: Browser, s
     wait_count(page, "pub", 5)
     assert [e["offset"] for e in events(page, "pub")] == [1, 2, 3, 4, 5]
 
-    assert server.stop() == 0, server.output
-    serve(port=port)
-    page.wait_for_function("() => window.events.some((e) => e.kind === 'subscribed' && e.resubscribed)",
-                           timeout=TIMEOUT_MS)
-    publish(port, "news", "after the restart")
-    wait_count(page, "pub", 6)
-    assert events(page, "gap") == [{"kind": "gap", "lastOffset": 5, "offset": 0}]
-    assert events(page, "pub")[-1] == {"kind": "pub", "offset": 1, "data": "after the restart"}
+    restart_and_see_the_gap(page, server, serve, port)
     page.evaluate("() => window.client.close()")
     assert errors == []

@@ -18,6 +18,7 @@ from ..peers import NdjsonClient, RawWebSocket, http_request
 from ..serverproc import STARTUP_TIMEOUT
 from .test_auth import closed_with
 from .test_embedded_presence import client_on
+from .test_embedded_presence import request as reply
 from .test_workers import run_workers
 
 pytestmark = pytest.mark.system
@@ -51,16 +52,6 @@ async def user_tcp(port: int, sub: str) -> NdjsonClient:
     client = await NdjsonClient.connect(port)
     assert (await client.request({"op": "connect", "token": token(sub), "id": 0}))["ok"] is True
     return client
-
-
-async def reply(ws: RawWebSocket, cmd: dict[str, Any]) -> dict[str, Any]:
-    """Send *cmd*; its reply, skipping what comes before it (the caller reads those first)."""
-    await ws.send_json(cmd)
-    while True:
-        msg = await ws.recv_json()
-        if msg.get("id") == cmd["id"]:
-            assert msg["ok"] is True, msg
-            return msg  # type: ignore[no-any-return]
 
 
 async def ping(ws: RawWebSocket) -> list[dict[str, Any]]:

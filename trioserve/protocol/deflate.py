@@ -21,12 +21,13 @@ message): their deflate output would be about as long, and cost CPU for nothing.
 from __future__ import annotations
 
 import re
-import struct
 import zlib
 from collections.abc import Iterable, Sequence
 
 from wsproto.extensions import Extension
 from wsproto.frame_protocol import CloseReason, FrameDecoder, FrameProtocol, Opcode, RsvBits
+
+from .websocket import frame_header
 
 __all__ = [
     "COMPRESS_THRESHOLD",
@@ -56,8 +57,6 @@ _MEM_LEVEL = 5
 _TAIL = b"\x00\x00\xff\xff"
 _OP_TEXT_RSV1 = 0xC1  # FIN + RSV1 + text
 _OP_TEXT = 0x81
-_U16 = struct.Struct("!BBH").pack
-_U64 = struct.Struct("!BBQ").pack
 
 # RFC 7230 token and quoted-string, for the Sec-WebSocket-Extensions grammar (RFC 6455 9.1).
 _TOKEN = r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
@@ -180,22 +179,14 @@ def deflate(payload: bytes) -> bytes:
     return data[:-4] if data.endswith(_TAIL) else data
 
 
-def _header(length: int, first: int) -> bytes:
-    if length < 126:
-        return bytes((first, length))
-    if length < 65536:
-        return _U16(first, 126, length)
-    return _U64(first, 127, length)
-
-
 def compressed_text_frame(payload: bytes) -> bytes:
     """One unmasked text frame for *payload*: compressed (RSV1) when it is at
     least :data:`COMPRESS_THRESHOLD` bytes and deflate makes it shorter."""
     if len(payload) >= COMPRESS_THRESHOLD:
         body = deflate(payload)
         if len(body) < len(payload):
-            return _header(len(body), _OP_TEXT_RSV1) + body
-    return _header(len(payload), _OP_TEXT) + payload
+            return frame_header(len(body), _OP_TEXT_RSV1) + body
+    return frame_header(len(payload), _OP_TEXT) + payload
 
 
 def frame_batch(payloads: Sequence[bytes]) -> bytes:

@@ -25,6 +25,7 @@ __all__ = [
     "check_upgrade",
     "close_frame",
     "frame_batch",
+    "frame_header",
     "is_upgrade",
     "switching_protocols",
     "text_frame",
@@ -114,7 +115,8 @@ def switching_protocols(headers: Sequence[tuple[bytes, bytes]]) -> bytes:
     return b"\r\n".join(lines) + b"\r\n\r\n"
 
 
-def _header(length: int, first: int) -> bytes:
+def frame_header(length: int, first: int) -> bytes:
+    """The header of an unmasked frame: *first* is FIN, RSV and opcode bits."""
     if length < 126:
         return bytes((first, length))
     if length < 65536:
@@ -124,7 +126,7 @@ def _header(length: int, first: int) -> bytes:
 
 def text_frame(payload: bytes) -> bytes:
     """One unmasked, unfragmented text frame carrying *payload* (UTF-8 bytes)."""
-    return _header(len(payload), _OP_TEXT) + payload
+    return frame_header(len(payload), _OP_TEXT) + payload
 
 
 def frame_batch(payloads: Sequence[bytes]) -> bytes:
@@ -134,7 +136,7 @@ def frame_batch(payloads: Sequence[bytes]) -> bytes:
     parts: list[bytes] = []
     append = parts.append
     for p in payloads:
-        append(_header(len(p), _OP_TEXT))
+        append(frame_header(len(p), _OP_TEXT))
         append(p)
     return b"".join(parts)
 

@@ -4,6 +4,7 @@ array of them), ``POST /api/broadcast`` and ``GET /api/history``."""
 from __future__ import annotations
 
 import hmac
+from typing import Any
 
 import orjson
 
@@ -40,13 +41,19 @@ def api_routes(ctx: HubContext) -> dict[tuple[str, str], RouteHandler]:
     def refused(req: Request) -> Response | None:
         return api_key_refusal(ctx, req)
 
-    async def publish_route(req: Request) -> Response:
+    def authorized_json(req: Request) -> tuple[Any, Response | None]:
+        """The request's JSON body, or the answer refusing it (API key, invalid JSON)."""
         if (denied := refused(req)) is not None:
-            return denied
+            return None, denied
         try:
-            body = orjson.loads(req.body)
+            return orjson.loads(req.body), None
         except orjson.JSONDecodeError as exc:
-            return json_error(400, ErrorCode.BAD_REQUEST, f"invalid JSON: {exc}")
+            return None, json_error(400, ErrorCode.BAD_REQUEST, f"invalid JSON: {exc}")
+
+    async def publish_route(req: Request) -> Response:
+        body, error = authorized_json(req)
+        if error is not None:
+            return error
         if isinstance(body, list):
             return await publish_batch(body)
         if not isinstance(body, dict) or "data" not in body:
@@ -77,12 +84,9 @@ def api_routes(ctx: HubContext) -> dict[tuple[str, str], RouteHandler]:
     async def broadcast(req: Request) -> Response:
         """``{"topics": [...], "data": ...}``: the same data to each topic (one offset
         per topic); an array of results, one per topic."""
-        if (denied := refused(req)) is not None:
-            return denied
-        try:
-            body = orjson.loads(req.body)
-        except orjson.JSONDecodeError as exc:
-            return json_error(400, ErrorCode.BAD_REQUEST, f"invalid JSON: {exc}")
+        body, error = authorized_json(req)
+        if error is not None:
+            return error
         if not isinstance(body, dict) or "data" not in body:
             return json_error(400, ErrorCode.BAD_REQUEST,
                               'body must be {"topics": ["...", ...], "data": <any JSON>}')
