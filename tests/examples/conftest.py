@@ -50,10 +50,15 @@ class Example:
 
     def _read(self) -> None:
         assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            with self._changed:
-                self.lines.append(line.rstrip("\n"))
-                self._changed.notify_all()
+        try:
+            for line in self.proc.stdout:
+                with self._changed:
+                    self.lines.append(line.rstrip("\n"))
+                    self._changed.notify_all()
+        except ValueError:
+            # Closed by the test's teardown while a child of a killed process
+            # (a worker of a supervisor) still held the pipe open.
+            pass
         with self._changed:
             self._changed.notify_all()
 

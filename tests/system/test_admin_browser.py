@@ -46,7 +46,7 @@ def port() -> Iterator[int]:
     try:
         yield int(server.wait_for(SERVING).group(1))
     finally:
-        server.kill()
+        server.stop()  # a drain: the workers exit with the supervisor, and the reader sees EOF
         assert server.proc.stdout is not None
         server.proc.stdout.close()
 
