@@ -4,8 +4,8 @@ Publishers put publications into the hub's inbox and return; one fan-out task
 drains everything waiting, joins each topic's publications into one buffer per
 framing, and hands that one ``bytes`` object to every subscriber with a
 synchronous ``send_prepared``. Under a burst one ``send()`` then carries many
-publications, which is what lifts fan-out past the one-syscall-per-delivery
-ceiling. At low load a batch is one publication, so latency does not change.
+publications, which lifts fan-out past one syscall per delivery. At low load
+a batch is one publication, so latency does not change.
 
 The inbox is a bounded FIFO with a parking lot rather than a memory channel:
 a publication's offset and its place in the FIFO are assigned in one step
@@ -43,6 +43,8 @@ MAX_GATHER = 0.05
 #: Rounds shorter than this (seconds) are not followed by gathering: at a steady
 #: rate a round is a few publications, and a gathering pass would only delay them.
 MIN_GATHER_ROUND = 0.001
+#: At a wake after an expensive round: wait while each WAKE_QUIET adds more, at most WAKE_GATHER.
+WAKE_QUIET, WAKE_GATHER = 0.0003, 0.002
 #: Bytes of one topic's joined buffer; a larger batch is sent in several.
 MAX_BATCH_BYTES = 256 * 1024
 DEFAULT_HISTORY_SIZE = 100
@@ -418,7 +420,11 @@ class Hub:
                 await self._wake.park()
                 if not inbox:
                     continue
-                # Woken from idle: send at once, whatever is there.
+                # Woken from idle: after a cheap round send at once; after an
+                # expensive one, wait while readers still add (a burst's frames
+                # still arriving), or it goes out in two rounds of sends.
+                if round_time >= MIN_GATHER_ROUND:
+                    await self._gather(min(round_time, WAKE_GATHER), quiet=WAKE_QUIET)
             elif round_time >= MIN_GATHER_ROUND:
                 # Work piled up while the last round ran: under backlog, let
                 # the readers parse what their sockets already hold before
@@ -440,12 +446,14 @@ class Hub:
             # whatever piled up meanwhile.
             await trio.lowlevel.checkpoint()
 
-    async def _gather(self, round_time: float) -> None:
+    async def _gather(self, round_time: float, quiet: float = 0.0) -> None:
+        """Let readers run until a pass (or *quiet* seconds) adds nothing, for at
+        most *round_time* (and MAX_GATHER)."""
         inbox = self._inbox
         deadline = trio.current_time() + min(round_time, MAX_GATHER)
         waiting = len(inbox)
         while waiting < MAX_BATCH and trio.current_time() < deadline:
-            await trio.lowlevel.checkpoint()
+            await (trio.sleep(quiet) if quiet else trio.lowlevel.checkpoint())
             if len(inbox) == waiting:
                 return
             waiting = len(inbox)

@@ -208,3 +208,35 @@ async def test_publish_many_is_one_round_with_one_offset_each() -> None:
         with pytest.raises(HubClosed):
             await hub.publish_many([("x", 4)])
         nursery.cancel_scope.cancel()
+
+
+async def test_after_an_expensive_round_a_wake_waits_for_the_rest_of_a_burst(
+        autojump_clock: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A burst whose frames arrive spread out (TCP segments) goes out in one round
+    when the round before was expensive; after a cheap one, nothing waits."""
+    import trioserve.push.hub as hub_module
+
+    rounds = iter([0.0, 0.05, 0.05])  # how long each round takes: cheap, then expensive ones
+
+    async with trio.open_nursery() as nursery:
+        hub = await started_hub(nursery)
+        original = hub._fan_out_batch
+
+        def timed_round() -> None:
+            original()
+            autojump_clock.jump(next(rounds, 0.05))
+
+        monkeypatch.setattr(hub, "_fan_out_batch", timed_round)
+        hub.publish_nowait("t", 0)  # the cheap round: no gathering after it
+        await hub.flush()
+        hub.publish_nowait("t", 1)  # the wake after a cheap round: sent alone
+        await hub.flush()
+        assert hub.statistics().batches == 2
+        # The round just done was expensive: a wake now waits while more arrives,
+        # each part less than WAKE_QUIET after the one before.
+        for part in range(3):
+            hub.publish_nowait("t", 10 + part)
+            await trio.sleep(hub_module.WAKE_QUIET / 2)  # 150 µs
+        await hub.flush()
+        assert hub.statistics().batches == 3
+        nursery.cancel_scope.cancel()
