@@ -44,7 +44,7 @@ MAX_GATHER = 0.05
 #: rate a round is a few publications, and a gathering pass would only delay them.
 MIN_GATHER_ROUND = 0.001
 #: At a wake after an expensive round: wait while each WAKE_QUIET adds more, at most WAKE_GATHER.
-WAKE_QUIET, WAKE_GATHER = 0.0003, 0.002
+WAKE_QUIET, WAKE_GATHER = 0.001, 0.005
 #: Bytes of one topic's joined buffer; a larger batch is sent in several.
 MAX_BATCH_BYTES = 256 * 1024
 DEFAULT_HISTORY_SIZE = 100

@@ -236,7 +236,7 @@ async def test_after_an_expensive_round_a_wake_waits_for_the_rest_of_a_burst(
         # each part less than WAKE_QUIET after the one before.
         for part in range(3):
             hub.publish_nowait("t", 10 + part)
-            await trio.sleep(hub_module.WAKE_QUIET / 2)  # 150 µs
+            await trio.sleep(hub_module.WAKE_QUIET / 2)  # 500 µs
         await hub.flush()
         assert hub.statistics().batches == 3
         nursery.cancel_scope.cancel()
