@@ -291,11 +291,11 @@ async def _dispatch(conn: Client, server: PushContext, cmd: Command) -> bytes:
             server.unsubscribed(conn, cmd.topic)
         return encode_reply(cmd.id, topic=cmd.topic)
     if op == "publish":
-        _check_publish(conn, server, cmd)
-        data = cmd.fields["data"]
+        # Only a proxied publish comes here (_handle_one takes the others as a run):
+        # the backend decides, and may replace the data.
         backend = server.backend
-        if backend is not None and backend.publish_proxied:
-            data = await _ask(cmd, backend.publish(_caller(server, conn), cmd.topic, data))
+        assert backend is not None and backend.publish_proxied
+        data = await _ask(cmd, backend.publish(_caller(server, conn), cmd.topic, cmd.fields["data"]))
         try:
             result = await publish(hub, cmd.topic, data, wait=True)
         except PublishRefused as exc:

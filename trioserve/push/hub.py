@@ -523,11 +523,8 @@ class Hub:
                 end += count
                 for framing, subs in by_framing.items():
                     deliveries += count * len(subs)
-                    frame_open = framing.frame_open
-                    if frame_open is not None:
-                        data, last = frame_open(chunk), offsets[topic][end - 1]
-                        for positioned in cast("set[PositionedSubscriber]", subs):
-                            positioned.send_at(data, count, topic, last)
+                    if framing.frame_open is not None:
+                        _send_positioned(framing, subs, chunk, topic, offsets[topic][end - 1])
                         continue
                     data = framing.frame_batch(chunk)
                     for conn in subs:
@@ -552,18 +549,13 @@ class Hub:
                  topic: str, last: int) -> None:
         count = len(payloads)
         for framing, subs in by_framing.items():
-            frame_open = framing.frame_open
-            if frame_open is None:
+            if framing.frame_open is None:
                 data = framing.frame_batch(payloads)
                 # The hot loop: one prepared buffer, one synchronous send per subscriber.
                 for conn in subs:
                     conn.send_prepared(data, count)
             else:
-                # SSE: the same events for all, each subscriber adds its own
-                # id (its cursor over all of its topics) in the same send.
-                data = frame_open(payloads)
-                for positioned in cast("set[PositionedSubscriber]", subs):
-                    positioned.send_at(data, count, topic, last)
+                _send_positioned(framing, subs, payloads, topic, last)
             self._deliveries += count * len(subs)
 
     def statistics(self) -> HubStatistics:
@@ -580,6 +572,17 @@ class Hub:
             gathered=self._gathered,
             coalesced=self._coalesced,
         )
+
+
+def _send_positioned(framing: Framing, subs: set[Subscriber], payloads: list[bytes], topic: str,
+                     last: int) -> None:
+    """SSE: the same events for all, framed once; each subscriber adds its own id
+    (its cursor over all of its topics, at *last* for *topic*) in the same send."""
+    frame_open = framing.frame_open
+    assert frame_open is not None
+    data = frame_open(payloads)
+    for positioned in cast("set[PositionedSubscriber]", subs):
+        positioned.send_at(data, len(payloads), topic, last)
 
 
 def _chunks(payloads: list[bytes]) -> list[list[bytes]]:
