@@ -89,6 +89,10 @@ function connect() {
     WebSocket: TrackedWebSocket,
     minReconnectDelay: 250,
     maxReconnectDelay: 5000,
+    // The chat needs the WebSocket (presence, one nick per user): a stream of
+    // its own over /sse would count as this user already being in the room
+    // when the WebSocket comes back, so no SSE fallback here.
+    EventSource: false,
   });
   chat.client = client;
   client.on("state", (state) => {
